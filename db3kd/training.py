@@ -1,0 +1,149 @@
+"""The one training loop (teachers, students and every baseline use it) and evaluation.
+
+Data stay uint8 tensors (N, C, H, W) in memory; each mini-batch is converted to float32 in
+[0, 1] on the fly, so a whole training set costs one byte per pixel. No DataLoader: batches are
+slices of a permutation drawn from a generator seeded by the run seed, which makes a run on CPU
+bit-for-bit repeatable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["TrainConfig", "fit", "evaluate", "predict_logits", "seed_everything"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training stage.
+
+    epochs: passes over the data; batch_size: images per step; lr: learning rate; optimizer:
+    ``adam`` or ``sgd``; weight_decay, momentum (sgd); lr_milestones: epochs at which the lr is
+    multiplied by lr_gamma; augment: ``none`` or ``crop_flip`` (random crop with 4-pixel
+    padding and horizontal flip, the CIFAR recipe).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_milestones: tuple[int, ...] = field(default_factory=tuple)
+    lr_gamma: float = 0.1
+    augment: Literal["none", "crop_flip"] = "none"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (numpy is not used for anything random)."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _to_float(x: torch.Tensor, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=gen).tolist()
+    dy = torch.randint(0, 9, (n,), generator=gen).tolist()
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = False,
+    log: Callable[[dict, int], None] | None = None,
+    inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[dict]:
+    """Train ``model`` in place for ``cfg.epochs`` epochs and return the per-epoch history.
+
+    x: uint8 (N, C, H, W) or float in [0, 1]; loss_fn(logits, batch_x, idx) -> scalar, where idx is
+    int64 (B,) indices of the batch into x (methods look their targets up with it). val: optional
+    (x, y) evaluated after each epoch (``val_accuracy``, a fraction). log(metrics, epoch) is
+    called once per epoch. inputs(batch_x, idx) may replace the float batch (e.g. MixUp).
+    History rows: ``{"epoch", "train_loss", "val_accuracy"?}``.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    model.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma) if cfg.lr_milestones else None
+    n = x.shape[0]
+    history = []
+    bar = tqdm(range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on one image
+                continue
+            xb = _augment(_to_float(x[idx], "cpu"), cfg.augment, gen).to(device)
+            if inputs is not None:
+                xb = inputs(xb, idx)
+            loss = loss_fn(model(xb), xb, idx.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        if sched is not None:
+            sched.step()
+        row = {"epoch": epoch, "train_loss": total / max(count, 1)}
+        if val is not None:
+            row["val_accuracy"] = evaluate(model, val[0], val[1], device=device)
+        history.append(row)
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        if log is not None:
+            log({k: v for k, v in row.items() if k != "epoch"}, epoch)
+    return history
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device="cpu") -> torch.Tensor:
+    """Logits float32 (N, L) of ``model`` on uint8/float images x (N, C, H, W), in eval mode."""
+    model.to(device).eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            outs.append(model(_to_float(x[start : start + batch_size], device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024, device="cpu") -> float:
+    """Top-1 accuracy of ``model`` on (x, y) as a fraction in [0, 1]; x uint8 or float (N, C, H, W)."""
+    if x.shape[0] == 0:
+        return float("nan")
+    pred = predict_logits(model, x, batch_size=batch_size, device=device).argmax(1)
+    return float((pred == y.cpu()).float().mean())
