@@ -1,0 +1,144 @@
+"""Command line: ``db3kd run``, ``db3kd methods``, ``db3kd leaderboard``.
+
+Heavy libraries (torch, torchvision, mlflow) are imported inside the commands, so ``--help``
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DATASET_CHOICES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
+PROFILE_CHOICES = ("smoke", "cpu", "paper")
+
+
+def _parse_override(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="db3kd",
+        description="Knowledge distillation from black-box teachers that answer only top-1 labels (DB3KD, ICML 2021), "
+        "and the methods it is compared with.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="train or load the teacher, build labels through the oracle, train and evaluate a student",
+        description="Run one method end to end. With no arguments: DB3KD-BD on scikit-learn's embedded 8x8 digits "
+        "(no download), cpu profile, seed 0.",
+    )
+    run.add_argument("--dataset", default="digits", choices=DATASET_CHOICES,
+                     help="dataset (default: digits, embedded, needs no files)")
+    run.add_argument("--method", default="db3kd-bd",
+                     help="registered method name (default: db3kd-bd); `db3kd methods` lists them")
+    run.add_argument("--profile", default="cpu", choices=PROFILE_CHOICES,
+                     help="scale: paper = the paper's settings (GPU), cpu = reduced for 2 CPU cores, "
+                     "smoke = seconds (default: cpu)")
+    run.add_argument("--seed", type=int, default=0, help="random seed for every RNG of the run (default: 0)")
+    run.add_argument("--data-root", default=None,
+                     help="folder holding the dataset files (default: $DB3KD_DATA, else ./data); "
+                     "on these machines MNIST/Fashion-MNIST are in ../shared/datasets")
+    run.add_argument("--teacher", default=None, metavar="PATH",
+                     help="use your own teacher instead of the built-in one: a TorchScript (torch.jit.save) or "
+                     "torch.export (.pt2) model of any architecture, used only through the oracle")
+    run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
+                     help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
+    run.add_argument("--show-config", action="store_true", help="print the fully resolved configuration and exit")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    methods = sub.add_parser("methods", help="list the registered methods (name, teacher access, data, paper)")
+    methods.add_argument("--json", action="store_true", help="print a JSON list of objects with keys name, access, data, paper")
+
+    board = sub.add_parser("leaderboard", help="regenerate the leaderboard tables in results/ from the stored records")
+    board.add_argument("--results", default="results", help="results folder (default: results)")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    import torch
+
+    from db3kd.config import resolve
+    from db3kd.runner import run
+
+    config = resolve(args.dataset, args.method, args.profile, args.seed, method_overrides=dict(args.overrides),
+                     teacher_file=args.teacher)
+    if args.show_config:
+        print(json.dumps(config.to_dict(), indent=2, default=str))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.json:
+        print(f"db3kd run: {config.method} on {config.dataset}, profile {config.profile}, seed {config.seed}, "
+              f"config {config.config_hash()}", file=sys.stderr)
+    record = run(config, data_root=args.data_root, device=device, progress=not args.no_progress and sys.stderr.isatty())
+    keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
+            "queries_per_sample", "wall_seconds")
+    if args.json:
+        print(json.dumps({k: record[k] for k in keys}))
+    else:
+        print(f"teacher accuracy        {record['teacher_accuracy']:.4f}")
+        print(f"student accuracy        {record['student_accuracy']:.4f}")
+        print(f"queries total           {record['queries_total']}")
+        print(f"queries per sample      {record['queries_per_sample']:.1f}")
+        print(f"wall time               {record['wall_seconds']:.1f} s")
+        for k, v in sorted(record["metrics"].items()):
+            print(f"{k:<24}{v:.4g}")
+        for k, v in record["milestone_accuracy"].items():
+            print(f"accuracy at {k} queries/pair: {v:.4f}")
+    return 0
+
+
+def _cmd_methods(args) -> int:
+    from db3kd.registry import method_table
+
+    table = method_table()
+    if args.json:
+        print(json.dumps(table))
+        return 0
+    width = max(len(r["name"]) for r in table)
+    for r in table:
+        print(f"{r['name']:<{width}}  {r['access']:<9}  {r['data']:<8}  {r['paper']}")
+    return 0
+
+
+def _cmd_leaderboard(args) -> int:
+    from db3kd.leaderboard import write_all
+
+    for path in write_all(args.results):
+        print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from db3kd.errors import DB3KDError, QueryBudgetExceeded
+
+    try:
+        return {"run": _cmd_run, "methods": _cmd_methods, "leaderboard": _cmd_leaderboard}[args.command](args)
+    except QueryBudgetExceeded as exc:
+        print(f"db3kd: stopped: {exc}", file=sys.stderr)
+        return 3
+    except DB3KDError as exc:
+        print(f"db3kd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

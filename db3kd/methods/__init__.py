@@ -1,0 +1,6 @@
+"""DB3KD's own methods (SD, BD, MBD). Importing this package registers them.
+
+The baselines it is compared with live in the top-level ``baselines`` package.
+"""
+
+from db3kd.methods import decision_based  # noqa: F401  (registers db3kd-sd, db3kd-bd, db3kd-mbd)

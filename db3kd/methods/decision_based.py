@@ -1,0 +1,206 @@
+"""DB3KD with training data (paper Sec. 3.2): robustness -> soft labels (Eq. 6-7) -> KD (Eq. 1).
+
+Three registered methods differ only in how the robustness ``r[i, n]`` is measured:
+``db3kd-sd`` (Eq. 2, no queries), ``db3kd-bd`` (Eq. 3) and ``db3kd-mbd`` (Eq. 4-5).
+References: ``refs_per_class`` random training images of each class (paper: 100), drawn from
+the method's training data with a generator seeded by the run seed.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from db3kd.context import MethodContext, MethodOutput
+from db3kd.registry import Method, MethodParams, register_method
+
+PAPER = "Wang, Zero-Shot Knowledge Distillation from a Decision-Based Black-Box Model, ICML 2021"
+
+
+class DB3KDParams(MethodParams):
+    """Shared DB3KD hyperparameters (paper Sec. 4.1). tau: Eq. 1 / Eq. 7 temperature (paper 0.3);
+    w_ce, w_kd: Eq. 1 weights (lambda = w_kd = 1); soft_labels: ``paper`` (Eq. 6-7) or
+    ``released`` (authors' code: Eq. 6 only, T = 20); refs_per_class: S (paper 100);
+    tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk."""
+
+    tau: float = Field(default=0.3, gt=0)
+    w_ce: float = Field(default=1.0, ge=0)
+    w_kd: float = Field(default=1.0, ge=0)
+    soft_labels: Literal["paper", "released"] = "paper"
+    refs_per_class: int = Field(default=100, ge=1)
+    tol: float = Field(default=1e-5, gt=0)
+    chunk_size: int = Field(default=64, ge=1)
+
+    profile_overrides: ClassVar[dict] = {
+        "paper/flowers102": {"refs_per_class": 20},
+        "cpu": {"refs_per_class": 20, "tol": 1e-4},
+        "smoke": {"refs_per_class": 4, "tol": 1e-3},
+    }
+
+
+def pick_references(y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
+    """Indices (int64) of ``per_class`` random images of each class (all of a class if it has fewer)."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().squeeze(1)
+        picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:per_class]])
+    return torch.cat(picks)
+
+
+class _DB3KD(Method):
+    """Template: measure robustness, build soft labels, train the student with Eq. 1."""
+
+    paper = PAPER
+    teacher_access = "labels"
+    data = "full"
+    Params = DB3KDParams
+
+    def robustness(self, ctx: MethodContext, x: torch.Tensor, refs: torch.Tensor, ref_labels: torch.Tensor):
+        raise NotImplementedError  # returns a db3kd.robustness.RobustnessResult-like object
+
+    def soft_labels(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from db3kd.soft_labels import soft_labels_from_robustness
+
+        return soft_labels_from_robustness(r, y, self.params.tau, variant=self.params.soft_labels)
+
+    def train_student(self, ctx: MethodContext, targets: torch.Tensor, *, desc: str = "student", seed_offset: int = 0):
+        from db3kd.losses import kd_loss
+
+        p = self.params
+        tau = 20.0 if p.soft_labels == "released" else p.tau
+        y = ctx.train_y.to(ctx.device)
+        targets = targets.to(ctx.device)
+        student = ctx.new_model(seed_offset=seed_offset)
+
+        def loss(logits, _xb, idx):
+            return kd_loss(logits, y[idx], targets[idx], tau, w_ce=p.w_ce, w_kd=p.w_kd)
+
+        ctx.train(student, loss, desc=desc, seed_offset=seed_offset)
+        return student
+
+    def run(self, ctx: MethodContext) -> MethodOutput:
+        from db3kd.soft_labels import label_statistics
+
+        x = ctx.train_x.float().div(255.0)
+        ref_idx = pick_references(ctx.train_y, ctx.num_classes, self.params.refs_per_class, ctx.seed)
+        result = self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx])
+        r = result.distances
+        targets = self.soft_labels(r, ctx.train_y)
+        finite = r[torch.isfinite(r)]
+        metrics = {
+            **label_statistics(targets, ctx.train_y),
+            "mean_robustness": float(finite.mean()) if finite.numel() else float("nan"),
+            "teacher_misclassified": float(result.misclassified.float().mean()) if result.misclassified is not None else 0.0,
+        }
+        ctx.log(metrics, None)
+        torch.save({"distances": r, "soft_labels": targets}, ctx.workdir / "soft_labels.pt")
+        student = self.train_student(ctx, targets)
+        output = MethodOutput(student=student, metrics=metrics, artifacts={"soft_labels": str(ctx.workdir / "soft_labels.pt")})
+        output.tables["class_distance"] = _class_distance_matrix(r, ctx.train_y, ctx.num_classes)
+        self.after_training(ctx, result, output)
+        return output
+
+    def after_training(self, ctx, result, output) -> None:
+        """Hook for per-milestone students (MBD)."""
+
+
+def _class_distance_matrix(r: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[list[float]]:
+    """Mean finite r[i, n] over samples of class m, as a (L, L) nested list (paper Fig. 5); NaN where none."""
+    out = torch.full((num_classes, num_classes), float("nan"))
+    for m in range(num_classes):
+        rows = r[y == m]
+        for n in range(num_classes):
+            col = rows[:, n]
+            col = col[torch.isfinite(col)]
+            if col.numel():
+                out[m, n] = col.mean()
+    return out.tolist()
+
+
+@register_method
+class DB3KDSampleDistance(_DB3KD):
+    """DB3KD-SD: robustness = distance to the nearest reference of each class (Eq. 2). No queries."""
+
+    name = "db3kd-sd"
+    paper_results = {"mnist": 99.15, "fmnist": 90.86, "cifar10": 77.66, "flowers102": 93.18}
+
+    def robustness(self, ctx, x, refs, ref_labels):
+        from db3kd.robustness import RobustnessResult, sample_distance
+
+        r = sample_distance(x, ctx.train_y, refs, ref_labels, ctx.num_classes)
+        return RobustnessResult(distances=r, queries=torch.zeros_like(r, dtype=torch.int64))
+
+
+@register_method
+class DB3KDBoundaryDistance(_DB3KD):
+    """DB3KD-BD: robustness = distance to the teacher's boundary along segments to references (Eq. 3)."""
+
+    name = "db3kd-bd"
+    paper_results = {"mnist": 99.51, "fmnist": 90.68, "cifar10": 77.92, "flowers102": 93.30}
+
+    def robustness(self, ctx, x, refs, ref_labels):
+        from db3kd.robustness import boundary_search
+
+        p = self.params
+        return boundary_search(ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, tol=p.tol,
+                               chunk_size=p.chunk_size, progress=ctx.progress)
+
+
+class MBDParams(DB3KDParams):
+    """DB3KD-MBD adds: budget (queries per (sample, target) pair, BD included; paper 1k-20k, best
+    reported), num_directions (Q, paper 200), xi_d (initial step, fraction of the distance; paper
+    0.2), delta (probe radius, fraction of the distance), milestones (query counts at which
+    distances are recorded), milestone_students (train one student per milestone for the
+    accuracy-versus-queries curve, paper Fig. 4)."""
+
+    budget: int = Field(default=20000, ge=1)
+    num_directions: int = Field(default=200, ge=2)
+    xi_d: float = Field(default=0.2, gt=0)
+    delta: float = Field(default=0.01, gt=0)
+    milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
+    milestone_students: bool = True
+    chunk_size: int = Field(default=32, ge=1)
+
+    profile_overrides: ClassVar[dict] = {
+        "paper/flowers102": {"refs_per_class": 20},
+        "cpu": {"refs_per_class": 10, "tol": 1e-4, "budget": 600, "num_directions": 40,
+                "milestones": (150, 300, 600)},
+        "smoke": {"refs_per_class": 4, "tol": 1e-3, "budget": 120, "num_directions": 20,
+                  "milestones": (60, 120), "milestone_students": False},
+    }
+
+
+@register_method
+class DB3KDMinimalBoundaryDistance(_DB3KD):
+    """DB3KD-MBD: BD's boundary point walked along the boundary by sign-gradient steps (Eq. 4-5)."""
+
+    name = "db3kd-mbd"
+    Params = MBDParams
+    paper_results = {"mnist": 99.52, "fmnist": 91.45, "cifar10": 78.30, "flowers102": 93.77}
+
+    def robustness(self, ctx, x, refs, ref_labels):
+        from db3kd.robustness import minimal_boundary_search
+
+        p = self.params
+        return minimal_boundary_search(
+            ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, budget=p.budget,
+            num_directions=p.num_directions, xi_d=p.xi_d, delta=p.delta, tol=p.tol,
+            milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, chunk_size=p.chunk_size,
+            progress=ctx.progress,
+        )
+
+    def after_training(self, ctx, result, output) -> None:
+        """Students trained on the distances recorded at each query milestone (paper Fig. 4)."""
+        output.metrics["queries_per_pair_mean"] = float(result.queries[torch.isfinite(result.distances)].float().mean())
+        if not self.params.milestone_students or result.distances_at is None or ctx.evaluate_milestone is None:
+            return
+        for k, milestone in enumerate(result.milestones):
+            targets = self.soft_labels(result.distances_at[k], ctx.train_y)
+            student = self.train_student(ctx, targets, desc=f"milestone{milestone}", seed_offset=0)
+            acc = ctx.evaluate_milestone(student)
+            output.milestone_accuracy[int(milestone)] = acc
+            ctx.log({"milestone_accuracy": acc, "milestone_mean_distance": float(
+                result.distances_at[k][torch.isfinite(result.distances_at[k])].mean())}, int(milestone))

@@ -1,0 +1,137 @@
+"""Run one (dataset, method, profile, seed): data -> teacher -> oracle -> method -> evaluation -> record.
+
+:func:`run` is what ``db3kd run`` and every benchmark case call. It returns a flat record (a
+dict of JSON-serialisable values) with the keys of ``db3kd run --json`` plus bookkeeping
+(configuration hash, teacher checkpoint hash, metrics, milestone accuracies).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from db3kd.config import RunConfig
+
+__all__ = ["run", "teacher_access_for", "select_subset"]
+
+
+def select_subset(y: torch.Tensor, k: int | None, *, seed: int = 0) -> torch.Tensor:
+    """Indices (int64) of a fixed random subset of size k (all indices when k is None or >= N).
+
+    The subset depends only on ``seed`` (default 0, not the run seed), so every method and seed of
+    a profile trains on the same images.
+    """
+    n = y.shape[0]
+    if k is None or k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def teacher_access_for(access: str, model, config: RunConfig, image_shape, device):
+    """What a method with ``access`` receives: None, a label oracle, a score oracle or the module."""
+    from db3kd.oracle import HardLabelOracle, ScoreOracle
+
+    if access == "none":
+        return None
+    if access == "labels":
+        return HardLabelOracle(model, batch_size=config.oracle_batch, device=device, input_shape=image_shape)
+    if access == "scores":
+        return ScoreOracle(model, batch_size=config.oracle_batch, device=device, input_shape=image_shape)
+    if access == "white_box":
+        from db3kd.oracle import as_callable_model
+
+        return as_callable_model(model)
+    raise ValueError(f"unknown teacher access {access!r}")
+
+
+def run(
+    config: RunConfig,
+    *,
+    data_root: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    workdir: str | Path | None = None,
+    log: Callable[[dict, int | None], None] | None = None,
+    splits=None,
+) -> dict[str, Any]:
+    """Run ``config`` end to end and return its record.
+
+    data_root: dataset folder (else $DB3KD_DATA, else ./data); device: torch device for training
+    and the teacher; workdir: folder for artifacts (default ``runs/<config hash>``); log(metrics,
+    step): metric sink (e.g. MLflow); splits: pre-loaded :class:`db3kd.data.DataSplits` to reuse.
+    Raises DatasetNotFoundError, ConfigError, QueryBudgetExceeded as they occur.
+    """
+    from db3kd.context import MethodContext
+    from db3kd.data import load_dataset
+    from db3kd.registry import get_method
+    from db3kd.teacher import get_teacher, load_teacher_file
+    from db3kd.training import evaluate, seed_everything
+
+    started = time.perf_counter()
+    log = log or (lambda metrics, step=None: None)
+    dev = torch.device(device)
+    method_cls = get_method(config.method)
+    params = method_cls.Params(**config.method_params)
+    if splits is None:
+        splits = load_dataset(config.dataset, data_root, val_fraction=config.val_fraction, image_size=config.image_size)
+    image_shape = tuple(splits.train_x.shape[1:])
+
+    # teacher: a user's exported model, or the built-in one (trained once, then cached)
+    if config.teacher_file:
+        teacher_model, teacher_hash = load_teacher_file(config.teacher_file)
+        from db3kd.oracle import HardLabelOracle
+
+        judge = HardLabelOracle(teacher_model, batch_size=config.oracle_batch, device=dev, input_shape=image_shape)
+        pred = judge(splits.test_x.float().div(255.0))
+        teacher_accuracy = float((pred.cpu() == splits.test_y).float().mean())
+    else:
+        trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)
+        teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
+
+    subset = select_subset(splits.train_y, config.student.train_subset)
+    workdir = Path(workdir) if workdir is not None else Path("runs") / config.config_hash()
+    workdir.mkdir(parents=True, exist_ok=True)
+    teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev)
+
+    def evaluate_milestone(model) -> float:
+        return evaluate(model, splits.test_x, splits.test_y, device=dev)
+
+    ctx = MethodContext(
+        config=config, params=params, train_x=splits.train_x[subset], train_y=splits.train_y[subset],
+        val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
+        workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone,
+    )
+    seed_everything(config.seed)
+    output = method_cls(params).run(ctx)
+    student_accuracy = evaluate(output.student, splits.test_x, splits.test_y, device=dev)
+    queries = int(getattr(teacher_view, "queries", 0) or 0)
+    size = output.transfer_set_size if output.transfer_set_size is not None else int(subset.numel())
+    wall = time.perf_counter() - started
+    return {
+        "dataset": config.dataset,
+        "method": config.method,
+        "profile": config.profile,
+        "seed": config.seed,
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy": student_accuracy,
+        "queries_total": queries,
+        "queries_per_sample": queries / max(size, 1),
+        "wall_seconds": wall,
+        "teacher_access": method_cls.teacher_access,
+        "data": method_cls.data,
+        "transfer_set_size": size,
+        "accuracy_kind": "final",
+        "config_hash": config.config_hash(),
+        "teacher_hash": teacher_hash,
+        "teacher_arch": "user-file" if config.teacher_file else config.teacher.arch,
+        "student_arch": config.student.arch,
+        "metrics": output.metrics,
+        "milestone_accuracy": {str(k): v for k, v in output.milestone_accuracy.items()},
+        "artifacts": output.artifacts,
+        "device": str(dev),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }

@@ -1,0 +1,127 @@
+"""Teachers: trained with cross-entropy and cached on disk, or a user's own exported model.
+
+A built-in teacher is cached under a key hashing everything that determines it: its stage
+configuration, the data fingerprint, the seed and the library version (:func:`teacher_key`). A
+second run with the same key loads the checkpoint instead of training; parallel workers share the
+cache under a file lock, so a teacher is never trained twice. Checkpoints are state dicts written
+atomically (temporary file, then rename) and loaded with ``weights_only=True``.
+
+``load_teacher_file`` reads a user's teacher of any architecture: TorchScript (``torch.jit.save``)
+or a ``torch.export`` program (``torch.export.save``, ``.pt2``). It is used only through the oracle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from db3kd.errors import DB3KDError
+
+__all__ = ["TrainedTeacher", "teacher_key", "get_teacher", "load_teacher_file", "cache_root"]
+
+_TEACHER_FORMAT = 1
+
+
+def cache_root() -> Path:
+    """``$DB3KD_CACHE`` or ``./.cache/db3kd`` (git-ignored)."""
+    return Path(os.environ.get("DB3KD_CACHE", ".cache/db3kd"))
+
+
+@dataclass
+class TrainedTeacher:
+    """A teacher ready to be wrapped by an oracle. model: nn.Module (or exported program);
+    key: cache key or file hash; test_accuracy: fraction on the test split; trained: True when
+    this call trained it (False: loaded from cache or file); history: per-epoch rows."""
+
+    model: object
+    key: str
+    test_accuracy: float
+    trained: bool
+    history: list
+
+
+def teacher_key(stage, data_fingerprint: str, seed: int, num_classes: int, image_shape) -> str:
+    blob = json.dumps(
+        {"stage": stage.model_dump(), "data": data_fingerprint, "seed": seed, "classes": num_classes,
+         "shape": list(image_shape), "format": _TEACHER_FORMAT},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | None = None, progress: bool = False,
+                log=None) -> TrainedTeacher:
+    """Train (or load from cache) the teacher ``stage.arch`` on ``splits`` with cross-entropy.
+
+    splits: :class:`db3kd.data.DataSplits`; stage: :class:`db3kd.config.StageConfig`. The teacher
+    is trained on ``stage.train_subset`` training images (all when None), selected with the
+    validation split held out. Returns :class:`TrainedTeacher`.
+    """
+    from filelock import FileLock
+
+    from db3kd.models import get_model
+    from db3kd.training import evaluate, fit, seed_everything
+
+    c, h = splits.train_x.shape[1], splits.train_x.shape[2]
+    key = teacher_key(stage, splits.fingerprint(), seed, splits.num_classes, splits.train_x.shape[1:])
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    path = root / "teachers" / f"{stage.arch}-{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        seed_everything(seed)
+        model = get_model(stage.arch, num_classes=splits.num_classes, in_channels=c, image_size=h)
+        if path.exists():
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(ckpt["state_dict"])
+            return TrainedTeacher(model.eval(), key, ckpt["test_accuracy"], False, ckpt["history"])
+        x, y = splits.train_x, splits.train_y
+        if stage.train_subset is not None and stage.train_subset < x.shape[0]:
+            x, y = x[: stage.train_subset], y[: stage.train_subset]
+        history = fit(
+            model, x, lambda logits, _xb, idx: nn.functional.cross_entropy(logits, y[idx.cpu()].to(logits.device)),
+            stage.train_config(), seed=seed, device=device, val=(splits.val_x, splits.val_y), desc="teacher",
+            progress=progress, log=(lambda row, step: log({f"teacher/{k}": v for k, v in row.items()}, step)) if log else None,
+        )
+        acc = evaluate(model, splits.test_x, splits.test_y, device=device)
+        model.cpu()
+        _atomic_save({"state_dict": model.state_dict(), "test_accuracy": acc, "history": history,
+                      "stage": stage.model_dump()}, path)
+        return TrainedTeacher(model.eval(), key, acc, True, history)
+
+
+def load_teacher_file(path: str | Path):
+    """Load a user's teacher: a ``torch.export`` program (``.pt2``) or a TorchScript module.
+
+    Returns ``(model, sha256-prefix of the file)``. Raises DB3KDError naming the file when it is
+    missing or is neither format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DB3KDError(f"teacher file not found: {path}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    errors = []
+    try:
+        return torch.export.load(str(path)), digest
+    except Exception as exc:  # not an exported program; try TorchScript next
+        errors.append(f"torch.export.load: {type(exc).__name__}: {exc}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu"), digest
+    except Exception as exc:
+        errors.append(f"torch.jit.load: {type(exc).__name__}: {exc}")
+    raise DB3KDError(
+        f"cannot load teacher {path}: it is neither a torch.export program (torch.export.save) nor a "
+        f"TorchScript module (torch.jit.save). Details: " + " | ".join(e[:200] for e in errors)
+    )
