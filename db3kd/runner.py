@@ -132,6 +132,7 @@ def run(
         "metrics": output.metrics,
         "milestone_accuracy": {str(k): v for k, v in output.milestone_accuracy.items()},
         "artifacts": output.artifacts,
+        "tables": output.tables,
         "device": str(dev),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
     }

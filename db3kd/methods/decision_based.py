@@ -125,6 +125,7 @@ class DB3KDSampleDistance(_DB3KD):
     """DB3KD-SD: robustness = distance to the nearest reference of each class (Eq. 2). No queries."""
 
     name = "db3kd-sd"
+    teacher_access = "none"  # Eq. 2 never asks the teacher
     paper_results = {"mnist": 99.15, "fmnist": 90.86, "cifar10": 77.66, "flowers102": 93.18}
 
     def robustness(self, ctx, x, refs, ref_labels):
