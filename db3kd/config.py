@@ -127,9 +127,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "smoke": {
         "*": {"teacher": dict(epochs=1, batch_size=64, lr=1e-3, train_subset=2000),
-              "student": dict(epochs=2, batch_size=64, lr=5e-3, train_subset=120), "oracle_batch": 256},
+              "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200), "oracle_batch": 256},
         "digits": {"teacher": dict(epochs=8, batch_size=64, lr=2e-3, train_subset=None),
-                   "student": dict(epochs=4, batch_size=32, lr=5e-3, train_subset=120)},
+                   "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200)},
         "cifar10": {"teacher": dict(epochs=2, batch_size=32, lr=1e-3, train_subset=None)},
         "cifar100": {"teacher": dict(arch="resnet18", epochs=1, batch_size=32, lr=1e-3, train_subset=None),
                      "student": dict(arch="resnet18", epochs=1, batch_size=32, lr=1e-3, train_subset=100)},

@@ -78,7 +78,7 @@ MNIST_SHA256 = {
     },
 }
 
-_HINT_DATA_ROOT = "pass --data-root DIR (load_dataset(..., data_root=DIR)) or set the environment variable DB3KD_DATA"
+_HINT_DATA_ROOT = "pass --data-root DIR or set the environment variable DB3KD_DATA"
 _HINT_DOWNLOAD = "where there is internet access, pass --download (torchvision download=True) to fetch the files"
 
 
@@ -148,7 +148,7 @@ class DataSplits:
             for key in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
                 t = getattr(self, key).detach().cpu()
                 h.update(f"|{key}:{t.dtype}:{tuple(t.shape)}|".encode())
-                h.update(memoryview(np.ascontiguousarray(t.numpy())).cast("B"))
+                h.update(np.ascontiguousarray(t.numpy()).reshape(-1).view(np.uint8).data)
             self._fingerprint.append(h.hexdigest()[:16])
         return self._fingerprint[0]
 

@@ -138,7 +138,7 @@ def sample_distance(
     flat_refs = refs.reshape(refs.shape[0], -1).float()
     out = torch.full((n, num_classes), math.inf, dtype=torch.float32, device=x.device)
     for s, e in _chunks(n, chunk_size):
-        d = torch.cdist(x[s:e].reshape(e - s, -1).float(), flat_refs)  # (B, R)
+        d = torch.cdist(x[s:e].reshape(e - s, -1).float(), flat_refs, compute_mode="donot_use_mm_for_euclid_dist")
         idx = ref_labels.unsqueeze(0).expand_as(d)
         out[s:e].scatter_reduce_(1, idx, d, reduce="amin", include_self=True)
     out[torch.arange(n, device=x.device), y] = math.inf
@@ -263,7 +263,7 @@ def _bd_chunk(oracle, x, y, pred, refs, ref_labels, num_classes, tol, budget) ->
     t = ref_labels[ri]
     keep = (t != y[bi]) & ~((pred[bi] != y[bi]) & (t == pred[bi]))
     bi, ri, t = bi[keep], ri[keep], t[keep]
-    length = torch.cdist(flat_x, flat_r)[bi, ri]
+    length = torch.cdist(flat_x, flat_r, compute_mode="donot_use_mm_for_euclid_dist")[bi, ri]  # batch-independent
     keep = length > 0
     bi, ri, t, length = bi[keep], ri[keep], t[keep], length[keep]
     group = bi * num_l + t

@@ -13,7 +13,8 @@ For a sample of class m with robustness vector ``r`` (length L, ``r[m]`` ignored
 Guards: ``r`` is clamped to ``r_min`` before inversion, so a distance of 0 (a sample the teacher
 misclassifies, see :mod:`db3kd.robustness`) gives a finite, nearly uniform label rather than NaN;
 ``r = inf`` (no usable reference) contributes ``1/r = 0``; a row with no finite distance at all
-(``S = 0``, infinitely robust) gets the one-hot label of its class.
+(``S = 0``, infinitely robust) gets the one-hot label of its class. Note a quirk of Eq. 7 as
+printed: with a single finite distance, ``a_m = a_n = r_n``, so m and n get equal mass.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def soft_labels_from_robustness(
         raise ValueError(f"tau must be > 0, got {tau}")
     a = robustness_logits(r, y, variant=variant, r_min=r_min)
     temperature = RELEASED_TEMPERATURE if variant == "released" else tau
-    return torch.softmax(a / temperature, dim=1)
+    p = torch.softmax(a / temperature, dim=1)
+    own = torch.as_tensor(y, dtype=torch.int64, device=p.device)
+    no_info = ~torch.isfinite(r.float()).scatter(1, own.view(-1, 1), False).any(dim=1)  # S = 0
+    if no_info.any():
+        p[no_info] = torch.nn.functional.one_hot(own[no_info], p.shape[1]).float()
+    return p
 
 
 def label_statistics(p: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
