@@ -64,7 +64,7 @@ class StageConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = Field(default=0.1, gt=0)
-    augment: Literal["none", "crop_flip"] = "none"
+    augment: Literal["none", "crop", "crop_flip"] = "none"
     train_subset: int | None = Field(default=None, ge=1)
 
     def train_config(self):

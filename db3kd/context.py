@@ -36,6 +36,7 @@ class MethodOutput:
     milestone_accuracy: dict[int, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
+    resumed_queries: int = 0  # spent by an interrupted earlier run of this configuration whose work was reused
 
 
 @dataclass

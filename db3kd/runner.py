@@ -108,7 +108,7 @@ def run(
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)
     student_accuracy = evaluate(output.student, splits.test_x, splits.test_y, device=dev)
-    queries = int(getattr(teacher_view, "queries", 0) or 0)
+    queries = int(getattr(teacher_view, "queries", 0) or 0) + output.resumed_queries
     size = output.transfer_set_size if output.transfer_set_size is not None else int(subset.numel())
     wall = time.perf_counter() - started
     return {

@@ -24,8 +24,8 @@ class TrainConfig:
 
     epochs: passes over the data; batch_size: images per step; lr: learning rate; optimizer:
     ``adam`` or ``sgd``; weight_decay, momentum (sgd); lr_milestones: epochs at which the lr is
-    multiplied by lr_gamma; augment: ``none`` or ``crop_flip`` (random crop with 4-pixel
-    padding and horizontal flip, the CIFAR recipe).
+    multiplied by lr_gamma; augment: ``none``, ``crop`` (random shift by up to 2 pixels, for
+    digits) or ``crop_flip`` (random crop with 4-pixel padding and horizontal flip, the CIFAR recipe).
     """
 
     epochs: int = 10
@@ -36,7 +36,7 @@ class TrainConfig:
     momentum: float = 0.9
     lr_milestones: tuple[int, ...] = field(default_factory=tuple)
     lr_gamma: float = 0.1
-    augment: Literal["none", "crop_flip"] = "none"
+    augment: Literal["none", "crop", "crop_flip"] = "none"
 
 
 def seed_everything(seed: int) -> None:
@@ -55,12 +55,14 @@ def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     if kind == "none":
         return x
     n, _, h, w = x.shape
-    padded = F.pad(x, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (n,), generator=gen).tolist()
-    dy = torch.randint(0, 9, (n,), generator=gen).tolist()
+    pad = 4 if kind == "crop_flip" else 2
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
     out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(3)
+    if kind == "crop_flip":
+        flip = torch.rand(n, generator=gen) < 0.5
+        out[flip] = out[flip].flip(3)
     return out
 
 

@@ -4,3 +4,4 @@ The baselines it is compared with live in the top-level ``baselines`` package.
 """
 
 from db3kd.methods import decision_based  # noqa: F401  (registers db3kd-sd, db3kd-bd, db3kd-mbd)
+from db3kd.methods import zero_shot  # noqa: F401,E402  (registers zsdb3kd)

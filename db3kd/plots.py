@@ -1,0 +1,206 @@
+"""Leaderboard plots (matplotlib, Agg backend, PNG), drawn from run records only.
+
+* :func:`accuracy_vs_queries` -- student accuracy versus the query budget per (sample, class)
+  pair for DB3KD-MBD (paper Fig. 4): one point per query milestone (``milestone_accuracy``) plus
+  the final student at the full budget, mean +- std over seeds, with the teacher and the other
+  methods of the same (dataset, profile) as horizontal reference lines.
+* :func:`class_distance_heatmap` -- mean minimal boundary distance between classes, from
+  DB3KD-MBD's ``tables["class_distance"]`` averaged over seeds (paper Fig. 5): row m, column n is
+  the mean distance from a sample of class m to the teacher's boundary with class n.
+
+:func:`write_plots` writes both beside the leaderboard:
+``results/<dataset>/<profile>-accuracy-vs-queries.png`` and ``<profile>-mbd-heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "write_plots", "plot_paths"]
+
+MBD = "db3kd-mbd"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _title_suffix(records: list[dict]) -> str:
+    r = records[0]
+    seeds = sorted({int(x["seed"]) for x in records})
+    synthetic = any(str(x.get("data_source", "official")) != "official" for x in records)
+    return f"{r['dataset']}, profile {r['profile']}, {len(seeds)} seed{'s' if len(seeds) != 1 else ''}" + (
+        ", SYNTHETIC DATA" if synthetic else "")
+
+
+def plot_paths(out_dir: str | os.PathLike, profile: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {"accuracy_vs_queries": out_dir / f"{profile}-accuracy-vs-queries.png",
+            "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png"}
+
+
+def _budget(record: dict) -> int | None:
+    params = (record.get("config") or {}).get("method_params") or {}
+    budget = params.get("budget")
+    return int(budget) if budget is not None else None
+
+
+def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, method: str = MBD) -> Path | None:
+    """Plot ``method``'s student accuracy (%) versus queries per pair; returns the PNG path or None.
+
+    Points: every ``milestone_accuracy`` entry, plus the final student at the query budget
+    (``config.method_params.budget``) when the record carries its config. None when ``method``
+    has no such point in ``records``.
+    """
+    records = list(records)
+    mine = [r for r in records if r.get("method") == method]
+    by_x: dict[int, list[float]] = {}
+    per_seed: list[tuple[int, list[tuple[int, float]]]] = []
+    for r in mine:
+        pts = {int(k): _num(v) for k, v in (r.get("milestone_accuracy") or {}).items() if v is not None}
+        budget = _budget(r)
+        if budget is not None and budget not in pts and r.get("student_accuracy") is not None:
+            pts[budget] = float(r["student_accuracy"])
+        seed_pts = sorted((x, 100.0 * y) for x, y in pts.items() if math.isfinite(y))
+        per_seed.append((int(r["seed"]), seed_pts))
+        for x, y in seed_pts:
+            by_x.setdefault(x, []).append(y)
+    if not by_x:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    xs = sorted(by_x)
+    stats = [_mean_std(by_x[x]) for x in xs]
+    means = [m for m, _ in stats]
+    stds = [s for _, s in stats]
+    for seed, pts in sorted(per_seed):
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue", alpha=0.3, ms=4, zorder=2)
+    ax.errorbar(xs, means, yerr=stds, fmt="-o", color="tab:blue", lw=2, ms=6, capsize=4, zorder=3,
+                label=f"{method} (mean ± std over seeds)")
+    # reference lines: teacher and the other methods of the same dataset/profile
+    teacher = [float(r["teacher_accuracy"]) for r in records if r.get("teacher_accuracy") is not None]
+    lines = []
+    if teacher:
+        lines.append(("teacher", 100.0 * _mean_std(teacher)[0], "black", "--"))
+    styles = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+    others = sorted({r["method"] for r in records if r.get("method") != method})
+    for i, other in enumerate(others):
+        accs = [float(r["student_accuracy"]) for r in records if r.get("method") == other]
+        lines.append((other, 100.0 * _mean_std(accs)[0], styles[i % len(styles)], ":"))
+    for label, y, color, ls in lines:
+        ax.axhline(y, color=color, ls=ls, lw=1.3, label=f"{label} ({y:.1f}%)", zorder=1)
+    if len(xs) > 1 and xs[0] > 0 and xs[-1] / xs[0] >= 8:
+        ax.set_xscale("log")
+    if len(xs) == 1:
+        ax.set_xlim(xs[0] * 0.5, xs[0] * 1.5)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:,}" for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("query budget per (sample, class) pair")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"{method}: accuracy vs. queries ({_title_suffix(mine)})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    if len(xs) == 1:
+        ax.text(0.01, 0.01, "only the final student (milestone students are off in this profile)",
+                transform=ax.transAxes, fontsize=7, color="0.4", va="bottom")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, method: str = MBD,
+                           table: str = "class_distance") -> Path | None:
+    """Heatmap of ``method``'s mean class-to-class boundary distance (seed average); PNG path or None."""
+    import numpy as np
+
+    mats = []
+    mine = []
+    for r in records:
+        if r.get("method") != method:
+            continue
+        t = (r.get("tables") or {}).get(table)
+        if t:
+            mats.append(np.array([[_num(v) for v in row] for row in t], dtype=float))
+            mine.append(r)
+    if not mats or len({m.shape for m in mats}) != 1:
+        return None
+    stack = np.stack(mats)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(stack)
+        mean = np.where(finite.any(0), np.nansum(np.where(finite, stack, 0.0), 0) / np.maximum(finite.sum(0), 1), np.nan)
+    n = mean.shape[0]
+    plt = _pyplot()
+    side = min(11.0, max(5.5, 0.45 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=120)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("0.85")
+    im = ax.imshow(np.ma.masked_invalid(mean), cmap=cmap, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("mean minimal boundary distance (L2, pixels in [0, 1])")
+    if n <= 20:
+        ticks = list(range(n))
+        vmin, vmax = np.nanmin(mean), np.nanmax(mean)
+        for i in range(n):
+            for j in range(n):
+                v = mean[i, j]
+                if math.isfinite(v):
+                    light = (v - vmin) / max(vmax - vmin, 1e-12) > 0.6
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=max(5, 9 - n // 4),
+                            color="black" if light else "white")
+                else:
+                    ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
+    else:
+        ticks = list(range(0, n, 10))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xlabel("boundary with class n")
+    ax.set_ylabel("samples of class m")
+    ax.set_title(f"{method}: mean minimal boundary distance between classes\n({_title_suffix(mine)})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: str) -> list[Path]:
+    """Write both plots of one (dataset, profile) into ``out_dir``; returns the paths written.
+
+    A plot whose data is absent (no db3kd-mbd record) is not written, and a stale file of that
+    name is removed so the folder always matches the records.
+    """
+    records = list(records)
+    paths = plot_paths(out_dir, profile)
+    written = []
+    for key, fn in (("accuracy_vs_queries", accuracy_vs_queries), ("mbd_heatmap", class_distance_heatmap)):
+        p = fn(records, paths[key])
+        if p is not None:
+            written.append(p)
+        elif paths[key].exists():
+            paths[key].unlink()
+    return written

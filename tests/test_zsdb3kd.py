@@ -1,0 +1,69 @@
+"""ZSDB3KD generation: exact query accounting, resume after an interruption, oracle-only access."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from db3kd import HardLabelOracle, QueryBudgetExceeded
+from db3kd.zeroshot import GenerationConfig, generate_pseudo_samples, initial_noise
+
+CFG = GenerationConfig(per_class=4, iterations=3, xi_o=0.5, search_budget=80, num_starts=2, num_directions=8,
+                       tol=1e-3, chunk_per_class=2, init_pool=200, init_rounds=5, snapshots=(0, 3), seed=1)
+
+
+class CountingTeacher(nn.Module):
+    """A fixed random 3-class classifier on 1x6x6 images that counts every image it sees."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(3, 36, generator=g), requires_grad=False)
+        self.bias = nn.Parameter(-self.weight.sum(1) * 0.45, requires_grad=False)
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def test_initial_noise_is_in_range_and_seeded():
+    a = initial_noise(5, (1, 6, 6), torch.Generator().manual_seed(3))
+    b = initial_noise(5, (1, 6, 6), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+
+
+def test_queries_equal_images_the_teacher_answered_and_samples_keep_their_class(tmp_path):
+    teacher = CountingTeacher()
+    oracle = HardLabelOracle(teacher)
+    out = generate_pseudo_samples(oracle, 3, (1, 6, 6), CFG, out_dir=tmp_path)
+    assert out.queries == oracle.queries == teacher.seen  # every image the teacher saw was counted
+    assert out.x.shape[1:] == (1, 6, 6) and out.x.shape[0] == out.y.shape[0]
+    assert set(out.y.tolist()) | set(out.missing) == {0, 1, 2}
+    # samples were moved away from the boundary without changing their class (uint8 rounding aside)
+    assert (teacher(out.x).argmax(1) == out.y).float().mean() >= 0.9
+    assert set(out.snapshots) == {0, 3}
+
+
+def test_resume_after_interruption_gives_identical_samples_and_query_total(tmp_path):
+    full = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), CFG, out_dir=tmp_path / "a")
+    # interrupt: the oracle's budget runs out part-way (after the first chunk is on disk)
+    first_chunk = torch.load(next((tmp_path / "a").glob("chunk00000.pt")), weights_only=True)["queries"]
+    broken = HardLabelOracle(CountingTeacher(), budget=first_chunk + 10)
+    with pytest.raises(QueryBudgetExceeded):
+        generate_pseudo_samples(broken, 3, (1, 6, 6), CFG, out_dir=tmp_path / "b")
+    assert len(list((tmp_path / "b").glob("chunk*.pt"))) == 1
+    assert not list((tmp_path / "b").glob("*.tmp*"))  # nothing half-written looks finished
+    fresh = HardLabelOracle(CountingTeacher())
+    resumed = generate_pseudo_samples(fresh, 3, (1, 6, 6), CFG, out_dir=tmp_path / "b")
+    assert torch.equal(resumed.x, full.x) and torch.equal(resumed.y, full.y)
+    assert resumed.queries == full.queries
+    assert fresh.queries == full.queries - first_chunk  # the finished chunk was not recomputed
+
+
+def test_generation_takes_only_an_oracle():
+    import inspect
+
+    params = list(inspect.signature(generate_pseudo_samples).parameters)
+    assert params[0] == "oracle" and "model" not in params and "teacher" not in params
