@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher", default=None, metavar="PATH",
                      help="use your own teacher instead of the built-in one: a TorchScript (torch.jit.save) or "
                      "torch.export (.pt2) model of any architecture, used only through the oracle")
+    run.add_argument("--run-dir", default=None, metavar="DIR",
+                     help="keep the run in DIR/<config hash>: long stages checkpoint there and a rerun resumes from "
+                     "whatever is complete; a finished run is returned without recomputation")
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
@@ -83,7 +86,8 @@ def _cmd_run(args) -> int:
     if not args.json:
         print(f"db3kd run: {config.method} on {config.dataset}, profile {config.profile}, seed {config.seed}, "
               f"config {config.config_hash()}", file=sys.stderr)
-    record = run(config, data_root=args.data_root, device=device, progress=not args.no_progress and sys.stderr.isatty())
+    record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir,
+                 progress=not args.no_progress and sys.stderr.isatty())
     keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
             "queries_per_sample", "wall_seconds")
     if args.json:

@@ -63,6 +63,7 @@ class MethodContext:
     log: Callable[[dict, int | None], None]
     progress: bool = False
     evaluate_milestone: Callable[[nn.Module], float] | None = None
+    resumable: bool = False  # checkpoint long stages into workdir and resume from them
 
     @property
     def seed(self) -> int:
@@ -111,5 +112,21 @@ class MethodContext:
         return fit(
             model, self.train_x if x is None else x, loss_fn, cfg, seed=self.seed * 1000 + seed_offset + 1,
             device=self.device, val=(self.val_x, self.val_y), desc=desc, progress=self.progress, log=log,
-            inputs=inputs,
+            inputs=inputs, checkpoint=self.checkpoint(f"train-{desc}.pt"),
         )
+
+    def checkpoint_dir(self, name: str) -> Path | None:
+        """A folder for a stage's resumable chunks in the run directory, or None when not resumable."""
+        if not self.resumable:
+            return None
+        path = self.workdir / "checkpoints" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def checkpoint(self, name: str) -> Path | None:
+        """Path of a stage checkpoint in the run directory, or None when the run is not resumable."""
+        if not self.resumable:
+            return None
+        path = self.workdir / "checkpoints" / name.replace("/", "_")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path

@@ -224,15 +224,10 @@ def _bisect(
     return upper, best
 
 
-def _valid_references(oracle, refs, ref_labels, teacher_ref_labels):
-    """Keep the references the teacher assigns to their class; returns (refs, labels, queries spent)."""
-    spent = 0
-    if teacher_ref_labels is None:
-        before = oracle.queries
-        teacher_ref_labels = torch.cat([oracle(refs[s:e]) for s, e in _chunks(refs.shape[0], _MAX_PROBES)])
-        spent = oracle.queries - before
+def _valid_references(refs, ref_labels, teacher_ref_labels):
+    """Keep the references the teacher assigns to their class; returns (refs, labels)."""
     keep = torch.as_tensor(teacher_ref_labels, device=ref_labels.device) == ref_labels
-    return refs[keep], ref_labels[keep], spent
+    return refs[keep], ref_labels[keep]
 
 
 def _teacher_labels(oracle, x):
@@ -292,10 +287,15 @@ def boundary_search(
     chunk_size: int = 64,
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
+    checkpoint_dir=None,
 ) -> RobustnessResult:
-    """Boundary distance, paper Eq. 3, with its query accounting; see :func:`boundary_distance`."""
+    """Boundary distance, paper Eq. 3, with its query accounting; see :func:`boundary_distance`.
+
+    checkpoint_dir: folder where every finished chunk is written atomically; a rerun with the same
+    inputs loads finished chunks instead of querying again (their queries stay in the totals).
+    """
     return _search(oracle, x, y, refs, ref_labels, num_classes, tol=tol, budget=budget, chunk_size=chunk_size,
-                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=None)
+                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=None, checkpoint_dir=checkpoint_dir)
 
 
 def boundary_distance(oracle, x, y, refs, ref_labels, num_classes, **kwargs) -> torch.Tensor:
@@ -468,16 +468,18 @@ def minimal_boundary_search(
     chunk_size: int = 32,
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
+    checkpoint_dir=None,
 ) -> RobustnessResult:
     """Minimal boundary distance with its query accounting and milestone record; see
-    :func:`minimal_boundary_distance`."""
+    :func:`minimal_boundary_distance` (and :func:`boundary_search` for checkpoint_dir)."""
     if budget is None or budget < 1:
         raise ValueError(f"MBD needs a positive per-pair budget, got {budget!r}")
     if milestones is None:
         milestones = tuple(m for m in DEFAULT_MILESTONES if m < budget) + (budget,)
     cfg = _WalkConfig(num_directions, xi_d, delta, tol, min_step, seed)
     return _search(oracle, x, y, refs, ref_labels, num_classes, tol=tol, budget=budget, chunk_size=chunk_size,
-                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=(cfg, tuple(milestones)))
+                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=(cfg, tuple(milestones)),
+                   checkpoint_dir=checkpoint_dir)
 
 
 def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, budget: int = 2000, **kwargs):
@@ -497,17 +499,42 @@ def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, bu
 # driver shared by BD and MBD
 
 
+def _resumable(checkpoint_dir, name: str, compute):
+    """compute() once: its result is saved atomically under checkpoint_dir/name and reloaded on reruns."""
+    if checkpoint_dir is None:
+        return compute()
+    from pathlib import Path
+
+    from db3kd.training import atomic_save
+
+    path = Path(checkpoint_dir) / name
+    if path.exists():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    value = compute()
+    atomic_save(value, path)
+    return value
+
+
 def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_size, teacher_ref_labels,
-            progress, walk) -> RobustnessResult:
+            progress, walk, checkpoint_dir=None) -> RobustnessResult:
     y, ref_labels = _check_inputs(x, y, refs, ref_labels, num_classes)
     if tol <= 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if budget is not None and budget < 0:
         raise ValueError(f"budget must be >= 0 queries per pair, got {budget}")
     n, num_l = x.shape[0], num_classes
-    refs, ref_labels, shared = _valid_references(oracle, refs, ref_labels, teacher_ref_labels)
-    pred, spent = _teacher_labels(oracle, x)
-    shared += spent
+
+    def shared_answers():
+        before = oracle.queries
+        ref_answers = teacher_ref_labels
+        if ref_answers is None:
+            ref_answers = torch.cat([oracle(refs[s:e]) for s, e in _chunks(refs.shape[0], _MAX_PROBES)])
+        pred, _ = _teacher_labels(oracle, x)
+        return {"ref_answers": torch.as_tensor(ref_answers), "pred": pred, "queries": oracle.queries - before}
+
+    answers = _resumable(checkpoint_dir, "shared.pt", shared_answers)
+    refs, ref_labels = _valid_references(refs, ref_labels, answers["ref_answers"].to(x.device))
+    pred, shared = answers["pred"].to(x.device), int(answers["queries"])
     distances = torch.full((n, num_l), math.inf, dtype=torch.float32, device=x.device)
     queries = torch.zeros((n, num_l), dtype=torch.int64, device=x.device)
     milestones = walk[1] if walk else ()
@@ -515,28 +542,11 @@ def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_s
     bar = _progress(n, "MBD" if walk else "BD", progress)
     flat_refs = refs.reshape(refs.shape[0], -1)
     for s, e in _chunks(n, chunk_size):
-        xc = x[s:e].float()
-        state = _bd_chunk(oracle, xc, y[s:e], pred[s:e], refs, ref_labels, num_l, tol, budget)
-        r = state.upper
-        if walk is not None:
-            cfg, ms = walk
-            b = e - s
-            x0 = xc.reshape(b, -1).repeat_interleave(num_l, dim=0)  # (B*L, D), pair p = (p // L, p % L)
-            end = flat_refs[state.best_end.clamp(min=0)]
-            direction = end - x0
-            direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            target = torch.arange(num_l, device=x.device).repeat(b)
-            keys = (torch.arange(s, e, device=x.device).repeat_interleave(num_l) * num_l + target).cpu()
-            walkable = state.best_end >= 0
-            r_walk = torch.where(walkable, r, torch.full_like(r, math.inf))
-            r_walked, _, record = _mbd_walk(
-                oracle, x0, direction, r_walk, target, True, state.used, budget, keys, cfg, xc.shape[1:], ms
-            )
-            r = torch.where(walkable, r_walked, r)
-            record = torch.where(walkable.unsqueeze(0), record, r.unsqueeze(0))
-            at[:, s:e] = record.view(len(ms), e - s, num_l)
-        distances[s:e] = r.view(e - s, num_l)
-        queries[s:e] = state.used.view(e - s, num_l)
+        done = _resumable(checkpoint_dir, f"chunk{s:08d}-{e:08d}.pt",
+                          lambda: _chunk(oracle, x, y, pred, refs, ref_labels, flat_refs, s, e, num_l, tol, budget, walk))
+        distances[s:e], queries[s:e] = done["distances"], done["queries"]
+        if at is not None:
+            at[:, s:e] = done["at"]
         bar.update(e - s)
     bar.close()
     idx = torch.arange(n, device=x.device)
@@ -547,3 +557,28 @@ def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_s
         distances=distances, queries=queries, shared_queries=shared, misclassified=(pred != y),
         milestones=tuple(milestones), distances_at=at,
     )
+
+
+def _chunk(oracle, x, y, pred, refs, ref_labels, flat_refs, s, e, num_l, tol, budget, walk) -> dict:
+    """BD (and the MBD walk when ``walk``) for samples s:e; returns distances, queries, milestone record."""
+    xc = x[s:e].float()
+    state = _bd_chunk(oracle, xc, y[s:e], pred[s:e], refs, ref_labels, num_l, tol, budget)
+    r = state.upper
+    record = None
+    if walk is not None:
+        cfg, ms = walk
+        b = e - s
+        x0 = xc.reshape(b, -1).repeat_interleave(num_l, dim=0)  # (B*L, D), pair p = (p // L, p % L)
+        end = flat_refs[state.best_end.clamp(min=0)]
+        direction = end - x0
+        direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        target = torch.arange(num_l, device=x.device).repeat(b)
+        keys = (torch.arange(s, e, device=x.device).repeat_interleave(num_l) * num_l + target).cpu()
+        walkable = state.best_end >= 0
+        r_walk = torch.where(walkable, r, torch.full_like(r, math.inf))
+        r_walked, _, record = _mbd_walk(
+            oracle, x0, direction, r_walk, target, True, state.used, budget, keys, cfg, xc.shape[1:], ms
+        )
+        r = torch.where(walkable, r_walked, r)
+        record = torch.where(walkable.unsqueeze(0), record, r.unsqueeze(0)).view(len(ms), e - s, num_l)
+    return {"distances": r.view(e - s, num_l), "queries": state.used.view(e - s, num_l), "at": record}

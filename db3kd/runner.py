@@ -54,17 +54,31 @@ def run(
     data_root: str | Path | None = None,
     device: str = "cpu",
     progress: bool = False,
-    workdir: str | Path | None = None,
+    run_dir: str | Path | None = None,
     log: Callable[[dict, int | None], None] | None = None,
     splits=None,
 ) -> dict[str, Any]:
     """Run ``config`` end to end and return its record.
 
     data_root: dataset folder (else $DB3KD_DATA, else ./data); device: torch device for training
-    and the teacher; workdir: folder for artifacts (default ``runs/<config hash>``); log(metrics,
-    step): metric sink (e.g. MLflow); splits: pre-loaded :class:`db3kd.data.DataSplits` to reuse.
-    Raises DatasetNotFoundError, ConfigError, QueryBudgetExceeded as they occur.
+    and the teacher; run_dir: when given, the run lives in ``run_dir/<config hash>``: every long
+    stage checkpoints there atomically, a rerun resumes from whatever is complete, and a finished
+    run (``record.json``) is returned without recomputation; otherwise artifacts go to a fresh
+    temporary folder. log(metrics, step): metric sink (e.g. MLflow); splits: pre-loaded
+    :class:`db3kd.data.DataSplits` to reuse. Raises DatasetNotFoundError, ConfigError,
+    QueryBudgetExceeded as they occur.
     """
+    import json
+    import tempfile
+
+    if run_dir is not None:
+        workdir = Path(run_dir) / config.config_hash()
+        finished = workdir / "record.json"
+        if finished.exists():
+            return json.loads(finished.read_text())
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix=f"db3kd-{config.config_hash()}-"))
     from db3kd.context import MethodContext
     from db3kd.data import load_dataset
     from db3kd.registry import get_method
@@ -93,8 +107,6 @@ def run(
         teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
 
     subset = select_subset(splits.train_y, config.student.train_subset)
-    workdir = Path(workdir) if workdir is not None else Path("runs") / config.config_hash()
-    workdir.mkdir(parents=True, exist_ok=True)
     teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev)
 
     def evaluate_milestone(model) -> float:
@@ -103,7 +115,7 @@ def run(
     ctx = MethodContext(
         config=config, params=params, train_x=splits.train_x[subset], train_y=splits.train_y[subset],
         val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
-        workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone,
+        workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone, resumable=run_dir is not None,
     )
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)
@@ -111,7 +123,7 @@ def run(
     queries = int(getattr(teacher_view, "queries", 0) or 0) + output.resumed_queries
     size = output.transfer_set_size if output.transfer_set_size is not None else int(subset.numel())
     wall = time.perf_counter() - started
-    return {
+    record = {
         "dataset": config.dataset,
         "method": config.method,
         "profile": config.profile,
@@ -135,4 +147,11 @@ def run(
         "tables": output.tables,
         "device": str(dev),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "workdir": str(workdir),
+        "config": config.to_dict(),
     }
+    if run_dir is not None:
+        from db3kd.records import write_json_atomic
+
+        write_json_atomic(record, workdir / "record.json")
+    return record

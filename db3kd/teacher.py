@@ -55,13 +55,6 @@ def teacher_key(stage, data_fingerprint: str, seed: int, num_classes: int, image
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | None = None, progress: bool = False,
                 log=None) -> TrainedTeacher:
     """Train (or load from cache) the teacher ``stage.arch`` on ``splits`` with cross-entropy.
@@ -73,7 +66,7 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
     from filelock import FileLock
 
     from db3kd.models import get_model
-    from db3kd.training import evaluate, fit, seed_everything
+    from db3kd.training import atomic_save, evaluate, fit, seed_everything
 
     c, h = splits.train_x.shape[1], splits.train_x.shape[2]
     key = teacher_key(stage, splits.fingerprint(), seed, splits.num_classes, splits.train_x.shape[1:])
@@ -97,7 +90,7 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
         )
         acc = evaluate(model, splits.test_x, splits.test_y, device=device)
         model.cpu()
-        _atomic_save({"state_dict": model.state_dict(), "test_accuracy": acc, "history": history,
+        atomic_save({"state_dict": model.state_dict(), "test_accuracy": acc, "history": history,
                       "stage": stage.model_dump()}, path)
         return TrainedTeacher(model.eval(), key, acc, True, history)
 

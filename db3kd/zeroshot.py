@@ -22,12 +22,12 @@ Only the :class:`~db3kd.oracle.HardLabelOracle` is used. Per chunk of samples:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from db3kd.training import atomic_save
 from db3kd.robustness import _WalkConfig, _bisect, _chunks, _hit, _mbd_walk, _pair_generators, _sign_gradient
 
 __all__ = ["GenerationConfig", "PseudoSamples", "generate_pseudo_samples", "initial_noise"]
@@ -167,12 +167,6 @@ def _push_chunk(oracle, cfg: GenerationConfig, o: torch.Tensor, m: torch.Tensor,
     return o.view(a, *shape), distance, {k: v.view(a, *shape) for k, v in snapshots.items()}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def generate_pseudo_samples(oracle, num_classes: int, image_shape, cfg: GenerationConfig, *,
                             out_dir: str | Path | None = None, progress: bool = False) -> PseudoSamples:
     """Generate ``cfg.per_class`` pseudo samples per class through ``oracle`` (paper Sec. 3.3).
@@ -207,7 +201,7 @@ def generate_pseudo_samples(oracle, num_classes: int, image_shape, cfg: Generati
                      "snapshots": {int(i): (v * 255).round().to(torch.uint8) for i, v in snap.items()},
                      "queries": oracle.queries - before}
             if path is not None:
-                _atomic_save(chunk, path)
+                atomic_save(chunk, path)
         xs.append(chunk["x"])
         ys.append(chunk["y"])
         dists.append(chunk["distance"])

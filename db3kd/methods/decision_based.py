@@ -86,7 +86,10 @@ class _DB3KD(Method):
 
         x = ctx.train_x.float().div(255.0)
         ref_idx = pick_references(ctx.train_y, ctx.num_classes, self.params.refs_per_class, ctx.seed)
+        before = getattr(ctx.teacher, "queries", 0)
         result = self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx])
+        # chunks reloaded from an interrupted run were paid for there: count them once, here
+        resumed = result.total_queries - (getattr(ctx.teacher, "queries", 0) - before)
         r = result.distances
         targets = self.soft_labels(r, ctx.train_y)
         finite = r[torch.isfinite(r)]
@@ -96,9 +99,12 @@ class _DB3KD(Method):
             "teacher_misclassified": float(result.misclassified.float().mean()) if result.misclassified is not None else 0.0,
         }
         ctx.log(metrics, None)
-        torch.save({"distances": r, "soft_labels": targets}, ctx.workdir / "soft_labels.pt")
+        from db3kd.training import atomic_save
+
+        atomic_save({"distances": r, "soft_labels": targets, "queries": result.queries}, ctx.workdir / "soft_labels.pt")
         student = self.train_student(ctx, targets)
-        output = MethodOutput(student=student, metrics=metrics, artifacts={"soft_labels": str(ctx.workdir / "soft_labels.pt")})
+        output = MethodOutput(student=student, metrics=metrics, artifacts={"soft_labels": str(ctx.workdir / "soft_labels.pt")},
+                              resumed_queries=resumed)
         output.tables["class_distance"] = _class_distance_matrix(r, ctx.train_y, ctx.num_classes)
         self.after_training(ctx, result, output)
         return output
@@ -147,7 +153,8 @@ class DB3KDBoundaryDistance(_DB3KD):
 
         p = self.params
         return boundary_search(ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, tol=p.tol,
-                               chunk_size=p.chunk_size, progress=ctx.progress)
+                               chunk_size=p.chunk_size, progress=ctx.progress,
+                               checkpoint_dir=ctx.checkpoint_dir("robustness"))
 
 
 class MBDParams(DB3KDParams):
@@ -190,7 +197,7 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
             ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, budget=p.budget,
             num_directions=p.num_directions, xi_d=p.xi_d, delta=p.delta, tol=p.tol,
             milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, chunk_size=p.chunk_size,
-            progress=ctx.progress,
+            progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
         )
 
     def after_training(self, ctx, result, output) -> None:

@@ -79,15 +79,16 @@ class ZSDB3KD(_DB3KD):
         )
         before = oracle.queries
         pseudo = generate_pseudo_samples(oracle, ctx.num_classes, ctx.image_shape, gen_cfg,
-                                         out_dir=ctx.workdir / "pseudo_samples", progress=ctx.progress)
-        resumed = pseudo.queries - (oracle.queries - before)
+                                         out_dir=ctx.checkpoint_dir("pseudo_samples"), progress=ctx.progress)
         x, y = pseudo.x, pseudo.y
         ref_idx = pick_references(y, ctx.num_classes, p.refs_per_class, ctx.seed)
         result = minimal_boundary_search(
             oracle, x, y, x[ref_idx], y[ref_idx], ctx.num_classes, budget=p.label_budget,
             num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
-            progress=ctx.progress,
+            progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
         )
+        # work reloaded from an interrupted run was paid for there: count it once, here
+        resumed = pseudo.queries + result.total_queries - (oracle.queries - before)
         targets = self.soft_labels(result.distances, y)
         transfer = (x * 255).round().to(torch.uint8)
         student = self.train_student_on(ctx, transfer, y, targets)
