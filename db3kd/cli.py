@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=None, metavar="DIR",
                      help="keep the run in DIR/<config hash>: long stages checkpoint there and a rerun resumes from "
                      "whatever is complete; a finished run is returned without recomputation")
+    run.add_argument("--query-budget", type=int, default=None, metavar="N",
+                     help="the most teacher queries the method may spend in total; the run stops cleanly when they "
+                     "are spent (with --run-dir, finished work is kept and a rerun with a larger budget continues)")
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
@@ -78,7 +81,7 @@ def _cmd_run(args) -> int:
     from db3kd.runner import run
 
     config = resolve(args.dataset, args.method, args.profile, args.seed, method_overrides=dict(args.overrides),
-                     teacher_file=args.teacher)
+                     teacher_file=args.teacher, query_budget=args.query_budget)
     if args.show_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
@@ -137,7 +140,9 @@ def main(argv=None) -> int:
     try:
         return {"run": _cmd_run, "methods": _cmd_methods, "leaderboard": _cmd_leaderboard}[args.command](args)
     except QueryBudgetExceeded as exc:
-        print(f"db3kd: stopped: {exc}", file=sys.stderr)
+        print(f"db3kd: stopped cleanly after {exc.queries} teacher queries: {exc}", file=sys.stderr)
+        if getattr(args, "run_dir", None):
+            print(f"db3kd: finished stages are kept in {args.run_dir}; rerun to continue", file=sys.stderr)
         return 3
     except DB3KDError as exc:
         print(f"db3kd: error: {exc}", file=sys.stderr)

@@ -154,6 +154,7 @@ class RunConfig:
     method_params: dict[str, Any]
     oracle_batch: int = 4096
     teacher_file: str | None = None  # a user's TorchScript / torch.export teacher replaces the built-in one
+    query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -189,6 +190,7 @@ def resolve(
     *,
     method_overrides: dict[str, Any] | None = None,
     teacher_file: str | None = None,
+    query_budget: int | None = None,
 ) -> RunConfig:
     """Resolve (dataset, method, profile, seed) into a :class:`RunConfig`.
 
@@ -203,6 +205,8 @@ def resolve(
         raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILE_NAMES)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"invalid seed={seed!r}: must be an integer >= 0")
+    if query_budget is not None and (isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0):
+        raise ConfigError(f"invalid query_budget={query_budget!r}: must be an integer >= 0 (or None for unlimited)")
     spec = DATASETS[dataset]
     merged = _merged(profile, dataset)
     teacher = validate_model(StageConfig, {"arch": spec.teacher, **merged["teacher"]}, where="teacher setting")
@@ -213,4 +217,5 @@ def resolve(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
         image_size=merged.get("image_size", spec.image_size), teacher=teacher, student=student,
         method_params=params.model_dump(), oracle_batch=merged.get("oracle_batch", 4096), teacher_file=teacher_file,
+        query_budget=query_budget,
     )

@@ -38,9 +38,11 @@ def teacher_access_for(access: str, model, config: RunConfig, image_shape, devic
     if access == "none":
         return None
     if access == "labels":
-        return HardLabelOracle(model, batch_size=config.oracle_batch, device=device, input_shape=image_shape)
+        return HardLabelOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
+                               input_shape=image_shape)
     if access == "scores":
-        return ScoreOracle(model, batch_size=config.oracle_batch, device=device, input_shape=image_shape)
+        return ScoreOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
+                           input_shape=image_shape)
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -100,7 +102,15 @@ def run(
         from db3kd.oracle import HardLabelOracle
 
         judge = HardLabelOracle(teacher_model, batch_size=config.oracle_batch, device=dev, input_shape=image_shape)
-        pred = judge(splits.test_x.float().div(255.0))
+        try:
+            pred = judge(splits.test_x.float().div(255.0))
+        except (RuntimeError, TypeError, IndexError) as exc:
+            from db3kd.errors import DB3KDError
+
+            raise DB3KDError(
+                f"teacher {config.teacher_file} failed on a batch of {config.dataset} images of shape "
+                f"{image_shape} (C, H, W), float32 in [0, 1]: {str(exc).splitlines()[0][:300]}"
+            ) from None
         teacher_accuracy = float((pred.cpu() == splits.test_y).float().mean())
     else:
         trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)

@@ -155,12 +155,17 @@ def fit(
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a reader never sees half a file."""
+    from db3kd.errors import DB3KDError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # disk full, read-only folder, ...
+        raise DB3KDError(f"cannot write {path}: {exc}. Nothing partial was left under that name; free space or "
+                         f"choose a writable folder and rerun.") from None
     finally:
         if tmp.exists():
             tmp.unlink()
