@@ -1,0 +1,26 @@
+"""Baselines that DB3KD is compared with (REFERENCE.md section 5). Importing this package registers them.
+
+=================  ==========  ===========================================================
+method             access      module
+=================  ==========  ===========================================================
+teacher-ce         none        :mod:`baselines.reference` (reference row)
+student-ce         none        :mod:`baselines.reference` (reference row)
+standard-kd        scores      :mod:`baselines.kd`
+surrogate-kd       none        :mod:`baselines.kd`
+noise-logits       none        :mod:`baselines.kd`
+hard-label-kd      labels      :mod:`baselines.kd`
+ban                none        :mod:`baselines.ban`
+tf-kd-self         none        :mod:`baselines.tf_kd`
+tf-kd-reg          none        :mod:`baselines.tf_kd`
+sskd               none        :mod:`baselines.sskd`
+noise-input        labels      :mod:`baselines.zero_shot`
+zskt               white_box   :mod:`baselines.zskt`
+fs-bbt             scores      :mod:`baselines.fs_bbt`
+fs-bbt-labels      labels      :mod:`baselines.fs_bbt`
+=================  ==========  ===========================================================
+
+Shared machinery: :mod:`baselines.common` (CE training, Hinton KD from cached or white-box
+targets) and :mod:`baselines.features` (penultimate features of any registry model).
+"""
+
+from baselines import ban, fs_bbt, kd, reference, sskd, tf_kd, zero_shot, zskt  # noqa: F401  (each registers its methods)

@@ -160,8 +160,9 @@ def run(
         "workdir": str(workdir),
         "config": config.to_dict(),
     }
-    if run_dir is not None:
-        from db3kd.records import write_json_atomic
+    from db3kd.records import json_safe, write_json_atomic
 
+    record = json.loads(json.dumps(json_safe(record)))  # plain JSON data: identical whether fresh or reloaded
+    if run_dir is not None:
         write_json_atomic(record, workdir / "record.json")
     return record
