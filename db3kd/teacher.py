@@ -105,16 +105,23 @@ def load_teacher_file(path: str | Path):
     if not path.is_file():
         raise DB3KDError(f"teacher file not found: {path}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    errors = []
+    import zipfile
+
     try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    # TorchScript archives hold compiled code under <name>/code/; torch.export archives do not
+    scripted = any("/code/" in n or n.startswith("code/") for n in names)
+    try:
+        if not names:
+            raise ValueError("not a zip archive")
+        if scripted:
+            return torch.jit.load(str(path), map_location="cpu"), digest
         return torch.export.load(str(path)), digest
-    except Exception as exc:  # not an exported program; try TorchScript next
-        errors.append(f"torch.export.load: {type(exc).__name__}: {exc}")
-    try:
-        return torch.jit.load(str(path), map_location="cpu"), digest
     except Exception as exc:
-        errors.append(f"torch.jit.load: {type(exc).__name__}: {exc}")
-    raise DB3KDError(
-        f"cannot load teacher {path}: it is neither a torch.export program (torch.export.save) nor a "
-        f"TorchScript module (torch.jit.save). Details: " + " | ".join(e[:200] for e in errors)
-    )
+        raise DB3KDError(
+            f"cannot load teacher {path}: it is neither a torch.export program (torch.export.save) nor a "
+            f"TorchScript module (torch.jit.save): {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        ) from None

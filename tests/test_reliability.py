@@ -238,7 +238,8 @@ DATA_CASES = [
 
 
 @pytest.mark.parametrize("corrupt, where, message", DATA_CASES)
-def test_malformed_data_files_through_the_cli(tmp_path, capsys, corrupt, where, message):
+def test_malformed_data_files_through_the_cli(tmp_path, capsys, monkeypatch, corrupt, where, message):
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path / "fresh-cache"))  # no verified copy from an earlier test
     root = tmp_path / "nowhere" if where == "nowhere" else _mnist_copy(tmp_path, corrupt)
     code = main(["run", "--dataset", "mnist", "--profile", "smoke", "--data-root", str(root),
                  "--no-progress"])
