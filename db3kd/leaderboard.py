@@ -337,14 +337,23 @@ def results_lock(results_dir: str | os.PathLike):
 def write_all(results_dir: str | os.PathLike = "results", *, only: Iterable[tuple[str, str]] | None = None) -> list[Path]:
     """Regenerate every table (or those of the ``only`` (dataset, profile) pairs) from the records.
 
-    Returns the paths written. Holds an inter-process lock while writing.
+    Returns the paths written. Config files under ``<dataset>/configs/`` that no record of the
+    dataset refers to are removed. Holds an inter-process lock while writing.
     """
     only = set(only) if only is not None else None
     written: list[Path] = []
     with results_lock(results_dir):
-        for (dataset, profile), records in group_records(load_records(results_dir)).items():
+        all_records = load_records(results_dir)
+        datasets = set()
+        for (dataset, profile), records in group_records(all_records).items():
             if only is None or (dataset, profile) in only:
                 written += write_group(records, results_dir, dataset, profile)
+                datasets.add(dataset)
+        for dataset in sorted(datasets):  # configs no record refers to any more (e.g. a changed default)
+            used = {r.get("config_hash") for r in all_records if r["dataset"] == dataset}
+            for stale in (Path(results_dir) / dataset / "configs").glob("*.json"):
+                if stale.stem not in used:
+                    stale.unlink()
     return written
 
 

@@ -2,8 +2,8 @@
 
 * :func:`accuracy_vs_queries` -- student accuracy versus the query budget per (sample, class)
   pair for DB3KD-MBD (paper Fig. 4): one point per query milestone (``milestone_accuracy``) plus
-  the final student at the full budget, mean +- std over seeds, with the teacher and the other
-  methods of the same (dataset, profile) as horizontal reference lines.
+  the final student at the full budget, mean +- std over seeds, with the teacher, the reference
+  rows, the other DB3KD variants and the label-only baselines as horizontal lines.
 * :func:`class_distance_heatmap` -- mean minimal boundary distance between classes, from
   DB3KD-MBD's ``tables["class_distance"]`` averaged over seeds (paper Fig. 5): row m, column n is
   the mean distance from a sample of class m to the teacher's boundary with class n.
@@ -64,6 +64,14 @@ def _budget(record: dict) -> int | None:
     return int(budget) if budget is not None else None
 
 
+def _comparable(record: dict, method: str) -> bool:
+    """Reference lines worth drawing beside ``method``: reference rows (teacher / student CE), the other
+    variants of the same family (name prefix before the first '-'), and label-only competitors."""
+    family = method.split("-")[0]
+    return (bool(record.get("reference_row")) or record.get("method", "").split("-")[0] == family
+            or record.get("teacher_access") == "labels")
+
+
 def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, method: str = MBD) -> Path | None:
     """Plot ``method``'s student accuracy (%) versus queries per pair; returns the PNG path or None.
 
@@ -87,7 +95,7 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     if not by_x:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.0, 4.6), dpi=120)
     xs = sorted(by_x)
     stats = [_mean_std(by_x[x]) for x in xs]
     means = [m for m, _ in stats]
@@ -103,8 +111,8 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     if teacher:
         lines.append(("teacher", 100.0 * _mean_std(teacher)[0], "black", "--"))
     styles = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-    others = sorted({r["method"] for r in records if r.get("method") != method})
-    for i, other in enumerate(others):
+    others = sorted({r["method"] for r in records if r.get("method") != method and _comparable(r, method)})
+    for i, other in enumerate(others[: len(styles)]):
         accs = [float(r["student_accuracy"]) for r in records if r.get("method") == other]
         lines.append((other, 100.0 * _mean_std(accs)[0], styles[i % len(styles)], ":"))
     for label, y, color, ls in lines:
@@ -120,7 +128,7 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"{method}: accuracy vs. queries ({_title_suffix(mine)})", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9, borderaxespad=0.0)
     if len(xs) == 1:
         ax.text(0.01, 0.01, "only the final student (milestone students are off in this profile)",
                 transform=ax.transAxes, fontsize=7, color="0.4", va="bottom")
@@ -156,8 +164,7 @@ def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, 
     plt = _pyplot()
     side = min(11.0, max(5.5, 0.45 * n + 2.5))
     fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=120)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
     im = ax.imshow(np.ma.masked_invalid(mean), cmap=cmap, interpolation="nearest")
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("mean minimal boundary distance (L2, pixels in [0, 1])")
@@ -169,7 +176,7 @@ def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, 
                 v = mean[i, j]
                 if math.isfinite(v):
                     light = (v - vmin) / max(vmax - vmin, 1e-12) > 0.6
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=max(5, 9 - n // 4),
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=max(5, 10 - n // 4),
                             color="black" if light else "white")
                 else:
                     ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")

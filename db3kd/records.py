@@ -121,7 +121,7 @@ def write_record(record: dict, results_dir: str | os.PathLike = "results") -> Pa
     if missing:
         raise ValueError(f"record lacks required key(s) {missing}; it has {sorted(record)}")
     path = record_path(results_dir, record["dataset"], record["profile"], record["method"], record["seed"])
-    return write_json_atomic(record, path)
+    return write_json_atomic({k: v for k, v in record.items() if k not in ("record_path", "_path")}, path)
 
 
 def read_record(path: str | os.PathLike) -> dict:
@@ -190,7 +190,8 @@ def machine_summary(info: dict[str, Any]) -> str:
     """One line, e.g. ``Linux x86_64, 2 CPUs (2 torch threads), device cpu, torch 2.9.1, Python 3.11.9``."""
     parts = [f"{info.get('system', '?')} {info.get('arch', '?')}", f"{info.get('cpu_count', '?')} CPUs"]
     if "torch_threads" in info:
-        parts[-1] += f" ({info['torch_threads']} torch threads)"
+        n = info["torch_threads"]
+        parts[-1] += f" ({n} torch thread{'s' if n != 1 else ''})"
     device = str(info.get("device", "cpu"))
     parts.append(f"device {device}" + (f" ({info['gpu']})" if info.get("gpu") else ""))
     if info.get("torch"):

@@ -21,7 +21,7 @@ Failure policy: tracking must never cost a result. The first exception raised by
 unreachable, HTTP 5xx, locked database ...) disables the :class:`Tracker` for the rest of the
 process with ONE :class:`TrackingWarning` naming the URI; every later call is a no-op, and the
 case still finishes and writes its record locally. For HTTP URIs the tracker shortens MLflow's
-retry policy unless the user set it (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=2``,
+retry policy unless the user set it (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=1``,
 ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=20``), so an unreachable
 server costs seconds, not minutes.
 """
@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
@@ -415,9 +415,7 @@ def tracked_run(
     record["mlflow_run_id"] = case.run_id
     record["mlflow_tracking_uri"] = display_uri(tracker.uri) if case.run_id else None
     if results_dir is not None:
-        record["record_path"] = str(rec.record_path(results_dir, record["dataset"], record["profile"],
-                                                    record["method"], record["seed"]))
-        rec.write_record(record, results_dir)
+        record["record_path"] = str(rec.write_record(record, results_dir))
     case.log_record(record)
     case.set_tags({"data_source": record.get("data_source"), "teacher_hash": record.get("teacher_hash")})
     if case.tracked:

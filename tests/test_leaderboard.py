@@ -1,0 +1,194 @@
+"""Leaderboards, references and regression gates from synthetic records (db3kd.records/leaderboard/plots)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from db3kd import leaderboard as lb
+from db3kd import records as rec
+from db3kd.cli import main as cli_main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_record(method, seed, acc, *, dataset="mnist", profile="smoke", qps=10.0, reference_row=False, paper=None,
+                milestones=None, distance=None, source="official"):
+    config = {"dataset": dataset, "method": method, "profile": profile, "seed": seed,
+              "method_params": {"budget": 120, "milestones": [60, 120]}, "student": {"epochs": 2}}
+    h = f"{abs(hash((method, seed, dataset, profile))) % 16**12:012x}"
+    return {
+        "dataset": dataset, "method": method, "profile": profile, "seed": seed,
+        "teacher_accuracy": 0.95 + 0.01 * seed, "student_accuracy": acc, "queries_total": int(qps * 100),
+        "queries_per_sample": qps, "wall_seconds": 3.0 + seed, "teacher_access": "labels", "data": "full",
+        "transfer_set_size": 100, "accuracy_kind": "final", "config_hash": h, "teacher_hash": f"teach{seed:011d}",
+        "metrics": {"target_entropy": 0.5}, "milestone_accuracy": milestones or {}, "artifacts": {},
+        "tables": {"class_distance": distance} if distance else {}, "config": config,
+        "command": f"pytest benchmarks -m {dataset} --profile {profile}", "machine": "Linux x86_64, 2 CPUs",
+        "data_source": source, "reference_row": reference_row, "paper_accuracy": paper, "git_commit": "abc123",
+        "created": f"2026-01-01T00:00:0{seed}+00:00",
+    }
+
+
+def distance_matrix(n=10, shift=0.0):
+    return [[None if i == j else round(0.5 + 0.1 * abs(i - j) + shift, 3) for j in range(n)] for i in range(n)]
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    recs = []
+    for seed, acc in enumerate([0.80, 0.82, 0.84]):  # mean 82, std 2
+        recs.append(make_record("db3kd-mbd", seed, acc, qps=900.0 + seed,
+                                milestones={"60": acc - 0.05, "120": acc}, distance=distance_matrix(shift=0.01 * seed)))
+    for seed, acc in enumerate([0.90, 0.92]):
+        recs.append(make_record("best-method", seed, acc, paper=91.5))
+    recs.append(make_record("teacher-row", 0, 0.70, reference_row=True))  # reference rows lead, whatever their accuracy
+    recs.append(make_record("weak", 0, 0.50))
+    for r in recs:
+        rec.write_record(r, root)
+    return root
+
+
+def _md_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_record_layout_and_json_safety(tmp_path):
+    r = make_record("db3kd-mbd", 3, float("nan"))
+    r["tables"] = {"class_distance": [[float("nan"), 1.0], [float("inf"), 2.0]]}
+    r["config"]["method_params"]["milestones"] = (60, 120)
+    path = rec.write_record(r, tmp_path)
+    assert path == tmp_path / "records" / "mnist" / "smoke" / "db3kd-mbd-s3.json"
+    back = json.loads(path.read_text())  # strict JSON: NaN/inf became null
+    assert back["student_accuracy"] is None and back["tables"]["class_distance"][0] == [None, 1.0]
+    assert back["config"]["method_params"]["milestones"] == [60, 120]
+    with pytest.raises(ValueError, match="student_accuracy"):
+        rec.write_record({"dataset": "mnist", "profile": "smoke", "method": "x", "seed": 0}, tmp_path)
+
+
+def test_tables_order_mean_std_paper_and_configs(results):
+    written = lb.write_all(results)
+    out = results / "mnist"
+    for name in ("smoke.md", "smoke.csv", "smoke.tex", "smoke-accuracy-vs-queries.png", "smoke-mbd-heatmap.png"):
+        assert out / name in written and (out / name).is_file(), name
+    md = (out / "smoke.md").read_text()
+    rows = _md_rows(md)
+    assert [r[0] for r in rows] == ["teacher-row (reference)", "best-method", "db3kd-mbd", "weak"]
+    by_method = {r[0].split()[0]: r for r in rows}
+    assert by_method["db3kd-mbd"][3] == "82.00 ± 2.00 (n=3)"
+    assert by_method["best-method"][3] == "91.00 ± 1.41 (n=2)"
+    assert by_method["weak"][3] == "50.00 (n=1)"
+    assert by_method["best-method"][4] == "91.50"  # paper column from the record
+    assert by_method["db3kd-mbd"][4] == "99.52"  # ... or from the registry (db3kd-mbd's paper MNIST number)
+    assert by_method["weak"][4] == "–"
+    assert by_method["db3kd-mbd"][5] == "901.0"  # mean queries per sample
+    assert by_method["db3kd-mbd"][7] == "final"
+    # provenance header: command, profile, seeds, machine
+    assert "pytest benchmarks -m mnist --profile smoke" in md
+    assert "**Profile:** `smoke`" in md and "**Seeds:** 0, 1, 2" in md and "Linux x86_64, 2 CPUs" in md
+    # every config link points to a committed config file with the exact config
+    links = [c for r in rows for c in r[10].split()]
+    assert len(links) == 7
+    for link in links:
+        target = link[link.index("(") + 1 : -1]
+        assert (out / target).is_file(), target
+    cfg = json.loads((out / "configs" / f"{rec.load_records(results, 'mnist', 'smoke')[0]['config_hash']}.json").read_text())
+    assert cfg["profile"] == "smoke" and "method_params" in cfg
+    # csv: numbers
+    with open(out / "smoke.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["method"] for t in table] == ["teacher-row", "best-method", "db3kd-mbd", "weak"]
+    assert math.isclose(float(table[2]["student_accuracy_pct_mean"]), 82.0)
+    assert math.isclose(float(table[2]["student_accuracy_pct_std"]), 2.0)
+    tex = (out / "smoke.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"82.00 $\pm$ 2.00 (n=3)" in tex and "teacher-row (reference)" in tex
+
+
+def test_tables_are_regenerated_from_records_only(results, tmp_path):
+    lb.write_all(results)
+    first = (results / "mnist" / "smoke.md").read_text()
+    (results / "mnist" / "smoke.md").unlink()
+    assert cli_main(["leaderboard", "--results", str(results)]) == 0
+    assert (results / "mnist" / "smoke.md").read_text() == first  # deterministic, nothing but records
+
+
+def test_synthetic_data_is_announced(tmp_path):
+    root = tmp_path / "results"
+    rec.write_record(make_record("db3kd-sd", 0, 0.6, dataset="cifar10", source="SYNTHETIC CIFAR-10: fake"), root)
+    lb.write_all(root)
+    md = (root / "cifar10" / "smoke.md").read_text()
+    assert "SYNTHETIC" in md.split("|")[0]  # in the header, above the table
+    assert "SYNTHETIC" in (root / "cifar10" / "smoke.tex").read_text()
+
+
+def test_plots_are_written(results, tmp_path):
+    from db3kd import plots
+
+    recs = rec.load_records(results)
+    acc = plots.accuracy_vs_queries(recs, tmp_path / "a.png")
+    heat = plots.class_distance_heatmap(recs, tmp_path / "h.png")
+    for p in (acc, heat):
+        data = p.read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000
+    # no db3kd-mbd record: no plot (and write_plots removes stale files)
+    others = [r for r in recs if r["method"] != "db3kd-mbd"]
+    assert plots.accuracy_vs_queries(others, tmp_path / "none.png") is None
+    out = tmp_path / "board"
+    (out).mkdir()
+    (out / "smoke-mbd-heatmap.png").write_bytes(PNG)
+    assert plots.write_plots(others, out, "smoke") == []
+    assert not (out / "smoke-mbd-heatmap.png").exists()
+
+
+def test_tolerance_has_a_floor_and_follows_the_seed_spread():
+    assert lb.tolerance([0.5], "smoke") == lb.TOLERANCE_FLOOR["smoke"]
+    assert lb.tolerance([0.80, 0.80, 0.80], "cpu") == lb.TOLERANCE_FLOOR["cpu"]
+    assert lb.tolerance([0.80, 0.82, 0.84], "paper") == pytest.approx(lb.TOLERANCE_SIGMAS * 0.02)
+
+
+def test_gate_fails_on_planted_regressions(results, tmp_path):
+    recs = rec.load_records(results, "mnist", "smoke")
+    refs_dir = tmp_path / "refs"
+    path = lb.update_references(refs_dir, "mnist", "smoke", recs)
+    refs = lb.load_references(refs_dir, "mnist", "smoke")
+    assert path.name == "mnist-smoke.json"
+    mbd = refs["db3kd-mbd"]
+    assert mbd["student_accuracy"] == pytest.approx(0.82) and mbd["queries_per_sample"] == 902.0
+    assert mbd["tolerance"] == pytest.approx(max(lb.TOLERANCE_FLOOR["smoke"], 3 * 0.02))
+
+    ok = make_record("db3kd-mbd", 1, 0.82 - mbd["tolerance"] + 0.001, qps=901.0)
+    assert lb.check_gate(ok, refs).status == "pass"
+    low = make_record("db3kd-mbd", 1, 0.82 - mbd["tolerance"] - 0.001, qps=901.0)
+    result = lb.check_gate(low, refs)
+    assert result.failed and "student accuracy" in str(result)
+    more_queries = make_record("db3kd-mbd", 1, 0.9, qps=901.5)  # seed 1's reference is exactly 901
+    result = lb.check_gate(more_queries, refs)
+    assert result.failed and "queries per sample" in str(result)
+    new_seed = make_record("db3kd-mbd", 7, 0.9, qps=902.0)  # unknown seed: the largest reference count
+    assert lb.check_gate(new_seed, refs).status == "pass"
+    missing = make_record("brand-new-method", 0, 0.1)
+    result = lb.check_gate(missing, refs)
+    assert result.status == "no_reference" and not result.failed and "no stored reference" in str(result)
+
+
+def test_update_references_keeps_other_methods(results, tmp_path):
+    recs = rec.load_records(results, "mnist", "smoke")
+    refs_dir = tmp_path / "refs"
+    lb.update_references(refs_dir, "mnist", "smoke", recs)
+    lb.update_references(refs_dir, "mnist", "smoke", [make_record("weak", 0, 0.6)])
+    refs = lb.load_references(refs_dir, "mnist", "smoke")
+    assert refs["weak"]["student_accuracy"] == 0.6 and "db3kd-mbd" in refs
+
+
+def test_stale_config_files_are_removed(results):
+    lb.write_all(results)
+    stale = results / "mnist" / "configs" / "000000000000.json"
+    stale.write_text("{}")
+    lb.write_all(results, only=[("mnist", "smoke")])
+    assert not stale.exists()
+    assert len(list((results / "mnist" / "configs").glob("*.json"))) == 7
