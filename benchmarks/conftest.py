@@ -310,7 +310,9 @@ def run_case(db3kd_bench, benchmark, request):
             tags={"test_id": case.id},
             data_root=root, device=state.device, splits=splits,
         )
-        if state.update_references:
+        if source != "official":
+            status, messages = "no_reference", [f"{case.id}: not gated, the data is not the official release"]
+        elif state.update_references:
             status, messages = "update", ["reference will be refreshed from this run (--update-references)"]
         else:
             gate = check_gate(record, load_references(state.references_dir, cfg.dataset, cfg.profile))
@@ -368,7 +370,11 @@ def pytest_sessionfinish(session, exitstatus):
     if state.update_references:
         for dataset, profile in groups:
             recs = [read_record(o["record_path"]) for o in state.outcomes
-                    if (o["dataset"], o["profile"]) == (dataset, profile) and o.get("record_path")]
+                    if (o["dataset"], o["profile"]) == (dataset, profile) and o.get("record_path")
+                    and o["data_source"] == "official"]  # never a reference from synthetic data
+            if not recs:
+                lines.append(f"references NOT updated for {dataset}/{profile}: no run on the official data")
+                continue
             path = update_references(state.references_dir, dataset, profile, recs)
             lines.append(f"references updated: {_rel(path)} ({len(recs)} run(s))")
     written = write_all(state.results_dir, only=groups)
@@ -382,6 +388,8 @@ def pytest_sessionfinish(session, exitstatus):
     for o in sorted(state.outcomes, key=lambda o: o["id"]):
         if o["gate"] == "fail":
             lines.append(f"GATE FAILED   {o['id']}: " + "; ".join(o["gate_messages"]))
+        elif o["gate"] == "no_reference" and o["data_source"] != "official":
+            lines.append(f"not gated     {o['id']}: synthetic / unofficial data")
         elif o["gate"] == "no_reference":
             lines.append(f"not gated     {o['id']}: no reference in {_rel(state.references_dir)}/"
                          f"{o['dataset']}-{o['profile']}.json (create: --update-references)")
