@@ -1,7 +1,7 @@
 """Performance of the query engine: oracle efficiency, query savings, scaling.
 
-Run: ``uv run pytest benchmarks -m perf --data-root ../shared/datasets`` (set
-``DB3KD_PERF_SIZES=1000,4000,16000`` for the full scaling sweep; default 1000,4000). Writes
+Run: ``uv run pytest benchmarks -m perf --data-root ../shared/datasets`` (add
+``--perf-sizes 1000,4000,16000`` or set ``DB3KD_PERF_SIZES`` for the full scaling sweep; default 1000,4000). Writes
 ``results/performance.md`` and ``results/performance.json``.
 
 Definitions (measured in this process, on this machine):
@@ -188,7 +188,8 @@ print(json.dumps({"samples": n, "wall_seconds": time.perf_counter() - start, "qu
 
 def test_label_construction_scaling(request, mnist):
     """Wall time and peak memory of BD label construction (cpu profile) for growing sample counts."""
-    sizes = [int(s) for s in os.environ.get("DB3KD_PERF_SIZES", "1000,4000").split(",")]
+    chosen = request.config.getoption("--perf-sizes", default=None) or os.environ.get("DB3KD_PERF_SIZES", "1000,4000")
+    sizes = [int(s) for s in str(chosen).split(",")]
     data_root = request.config.getoption("--data-root", default=None) or os.environ.get("DB3KD_DATA") or "data"
     rows = []
     for n in sizes:
