@@ -132,12 +132,7 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     if len(xs) == 1:
         ax.text(0.01, 0.01, "only the final student (milestone students are off in this profile)",
                 transform=ax.transAxes, fontsize=7, color="0.4", va="bottom")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, method: str = MBD,
@@ -187,12 +182,7 @@ def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, 
     ax.set_xlabel("boundary with class n")
     ax.set_ylabel("samples of class m")
     ax.set_title(f"{method}: mean minimal boundary distance between classes\n({_title_suffix(mine)})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: str) -> list[Path]:
@@ -211,3 +201,15 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: st
         elif paths[key].exists():
             paths[key].unlink()
     return written
+
+
+def _save(fig, path) -> Path:
+    """Write ``fig`` as PNG to ``path`` (folders created) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -54,3 +54,21 @@ def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST files not found at {SHARED_DATA}/MNIST/raw")
     return SHARED_DATA
+
+
+def fake_splits(n_train: int = 40, n_val: int = 12, n_test: int = 20):
+    """A learnable toy DataSplits: random 1x16x16 uint8 images, 10 classes, class c brighter in row block c."""
+    from db3kd.data import DataSplits
+
+    g = torch.Generator().manual_seed(0)
+
+    def make(n):
+        y = torch.arange(n) % 10
+        x = torch.randint(0, 100, (n, 1, 16, 16), generator=g)
+        for i in range(n):
+            x[i, 0, y[i] : y[i] + 6, :] += 150
+        return x.clamp(0, 255).to(torch.uint8), y.to(torch.int64)
+
+    (tx, ty), (vx, vy), (sx, sy) = make(n_train), make(n_val), make(n_test)
+    return DataSplits(name="digits", num_classes=10, train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx,
+                      test_y=sy, root="fake")

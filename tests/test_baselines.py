@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from db3kd.config import resolve
-from db3kd.data import DataSplits
 from db3kd.models import get_model
 from db3kd.registry import get_method, method_names
 from db3kd.runner import run
+from tests.conftest import fake_splits
 
 from baselines.common import query_all, tempered_probs
 from baselines.features import FeatureTap, penultimate_features
@@ -218,25 +218,9 @@ def test_query_all_asks_each_image_once():
 # ------------------------------------------------------------------------------- one short run of every method
 
 
-def _fake_splits(n_train: int = 40, n_val: int = 10, n_test: int = 20) -> DataSplits:
-    """Random 1x16x16 uint8 images, 10 classes; class c is brighter in row block c so a model can learn a bit."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        y = torch.arange(n) % 10
-        x = torch.randint(0, 100, (n, 1, 16, 16), generator=g)
-        for i in range(n):
-            x[i, 0, y[i] : y[i] + 6, :] += 150
-        return x.clamp(0, 255).to(torch.uint8), y.to(torch.int64)
-
-    (tx, ty), (vx, vy), (sx, sy) = make(n_train), make(n_val), make(n_test)
-    return DataSplits(name="digits", num_classes=10, train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx,
-                      test_y=sy, root="fake")
-
-
 @pytest.fixture(scope="module")
 def splits():
-    return _fake_splits()
+    return fake_splits(n_val=10)
 
 
 def _tiny_config(name: str):

@@ -22,6 +22,7 @@ from baselines.zskt import ZSKT, Generator, attention_points
 from db3kd import oracle as oracle_module
 from db3kd.belief_matching import transition_curves
 from db3kd.config import resolve
+from tests.conftest import fake_splits
 from db3kd.context import MethodContext
 from db3kd.data import DataSplits
 from db3kd.models import get_model
@@ -40,25 +41,9 @@ TINY = {
 TINY["fs-bbt-labels"] = TINY["fs-bbt"]
 
 
-def _fake_splits(n_train: int = 40, n_val: int = 12, n_test: int = 20) -> DataSplits:
-    """Random 1x16x16 uint8 images, 10 classes, class c brighter in row block c."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(n):
-        y = torch.arange(n) % 10
-        x = torch.randint(0, 100, (n, 1, 16, 16), generator=g)
-        for i in range(n):
-            x[i, 0, y[i] : y[i] + 6, :] += 150
-        return x.clamp(0, 255).to(torch.uint8), y.to(torch.int64)
-
-    (tx, ty), (vx, vy), (sx, sy) = make(n_train), make(n_val), make(n_test)
-    return DataSplits(name="digits", num_classes=10, train_x=tx, train_y=ty, val_x=vx, val_y=vy, test_x=sx,
-                      test_y=sy, root="fake")
-
-
 @pytest.fixture(scope="module")
 def splits():
-    return _fake_splits()
+    return fake_splits()
 
 
 def _tiny_config(name: str, teacher_arch: str = "lenet5"):
