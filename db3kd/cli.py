@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DATASET_CHOICES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
@@ -105,6 +106,9 @@ def _cmd_run(args) -> int:
             print(f"{k:<24}{v:.4g}")
         for k, v in record["milestone_accuracy"].items():
             print(f"accuracy at {k} queries/pair: {v:.4f}")
+        if record.get("artifacts"):
+            where = record["workdir"] if args.run_dir else f"{record['workdir']} (temporary; --run-dir keeps runs resumable)"
+            print(f"artifacts               {where}")
     return 0
 
 
@@ -130,6 +134,14 @@ def _cmd_leaderboard(args) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # e.g. `db3kd leaderboard | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

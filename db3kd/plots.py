@@ -7,8 +7,10 @@
 * :func:`class_distance_heatmap` -- mean minimal boundary distance between classes, from
   DB3KD-MBD's ``tables["class_distance"]`` averaged over seeds (paper Fig. 5): row m, column n is
   the mean distance from a sample of class m to the teacher's boundary with class n.
+* :func:`distance_vs_queries` -- mean minimal boundary distance versus queries per pair for
+  several MBD estimators (the perf benchmark's Sign-OPT comparison).
 
-:func:`write_plots` writes both beside the leaderboard:
+:func:`write_plots` writes the first two beside the leaderboard:
 ``results/<dataset>/<profile>-accuracy-vs-queries.png`` and ``<profile>-mbd-heatmap.png``.
 """
 
@@ -19,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "write_plots", "plot_paths"]
+__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "distance_vs_queries", "write_plots", "plot_paths"]
 
 MBD = "db3kd-mbd"
 
@@ -201,6 +203,26 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: st
         elif paths[key].exists():
             paths[key].unlink()
     return written
+
+
+def distance_vs_queries(curves: dict[str, dict[int, float]], path: str | os.PathLike, *, title: str = "",
+                        reference: dict[str, float] | None = None) -> Path:
+    """One line per estimator: ``curves[name] = {queries per pair: mean distance}`` (L2 pixel units);
+    ``reference`` adds horizontal lines (e.g. BD's mean distance). Returns the PNG path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        q = sorted(curve)
+        ax.plot(q, [curve[k] for k in q], marker="o", label=name)
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", color="grey", linewidth=1)
+        ax.annotate(name, (ax.get_xlim()[0], value), textcoords="offset points", xytext=(4, 3), fontsize=8)
+    ax.set_xlabel("teacher queries per (sample, target class) pair")
+    ax.set_ylabel("mean minimal boundary distance (L2)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig, path) -> Path:

@@ -325,6 +325,10 @@ class _WalkConfig:
     tol: float
     min_step: float
     seed: int
+    estimator: str = "hsja"  # "hsja" (ours, Eq. 4 with HopSkipJump's baseline) or "sign-opt" (plain Sign-OPT)
+
+
+ESTIMATORS = ("hsja", "sign-opt")
 
 
 def _pair_generators(seed: int, keys: torch.Tensor) -> list[torch.Generator]:
@@ -337,27 +341,47 @@ def _pair_generators(seed: int, keys: torch.Tensor) -> list[torch.Generator]:
     return gens
 
 
-def _sign_gradient(oracle, xb, r, target, targeted, gens, cfg, shape) -> torch.Tensor:
+def _sign_gradient(oracle, xb, r, target, targeted, gens, cfg, shape, origin=None) -> torch.Tensor:
     """Eq. 4: ``g = (1/Q) sum_q sign(x_b + delta u_q) u_q`` for A pairs, unit-normalised.
 
     xb: float (A, D) boundary points; r: float (A,) their distances (the probe radius is
     ``delta * r``); target: int64 (A,); gens: A generators (one per pair). ``sign = +1`` when a
-    probe hits (Eq. 5). The mean sign is subtracted before averaging (HopSkipJump's baseline): it
-    removes the bias of ``x_b`` lying a hair inside the target region without turning the
-    estimate. All Q probes of a pair go to the oracle in the same call. Returns float (A, D).
+    probe hits (Eq. 5). All Q probes of a pair go to the oracle in the same call. Returns float (A, D).
+
+    ``cfg.estimator`` picks the estimator:
+
+    * ``"hsja"`` (default): probes ``x_b + delta r u_q`` around the boundary point, and the mean
+      sign is subtracted before averaging (HopSkipJump's baseline, Chen et al. 2020): it removes
+      the bias of ``x_b`` lying a hair inside the target region without turning the estimate.
+    * ``"sign-opt"``: plain Sign-OPT (Cheng et al. 2020, Alg. 1). With ``theta`` the unit direction
+      from ``origin`` (float (A, D), the samples ``x0``) to ``x_b``, each probe is the point at the
+      same distance r along the perturbed direction ``theta + delta u_q``; a hit means
+      ``g(theta + delta u_q) <= g(theta)``, and the raw signs are averaged (no baseline).
     """
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"unknown MBD estimator {cfg.estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    sign_opt = cfg.estimator == "sign-opt"
+    if sign_opt and origin is None:
+        raise ValueError("the sign-opt estimator needs the samples (origin) its directions start from")
     q, d = cfg.num_directions, xb.shape[1]
     grads = torch.empty_like(xb)
     for s, e in _chunks(xb.shape[0], max(1, _MAX_PROBES // q)):
         u = torch.stack([torch.randn(q, d, generator=gens[i]) for i in range(s, e)]).to(xb.device)
         u /= u.norm(dim=2, keepdim=True)
         radius = (cfg.delta * r[s:e]).view(-1, 1, 1)
-        probes = (xb[s:e].unsqueeze(1) + radius * u).clamp_(0.0, 1.0)
-        labels = oracle(probes.view(-1, *shape)).view(e - s, q)
+        probes = xb[s:e].unsqueeze(1) + radius * u
+        if sign_opt:  # back onto the sphere of radius r around x0: x0 + r (theta + delta u) / |theta + delta u|
+            offset = probes - origin[s:e].unsqueeze(1)
+            probes = origin[s:e].unsqueeze(1) + offset * (r[s:e].view(-1, 1, 1) / offset.norm(dim=2, keepdim=True))
+        labels = oracle(probes.clamp_(0.0, 1.0).view(-1, *shape)).view(e - s, q)
         sign = _hit(labels, target[s:e].unsqueeze(1), targeted).float() * 2 - 1
-        centred = sign - sign.mean(dim=1, keepdim=True)
-        degenerate = centred.abs().sum(dim=1, keepdim=True) == 0  # all probes agree: keep raw signs
-        g = (torch.where(degenerate, sign, centred).unsqueeze(2) * u).mean(dim=1)
+        if sign_opt:
+            weights = sign
+        else:
+            centred = sign - sign.mean(dim=1, keepdim=True)
+            degenerate = centred.abs().sum(dim=1, keepdim=True) == 0  # all probes agree: keep raw signs
+            weights = torch.where(degenerate, sign, centred)
+        g = (weights.unsqueeze(2) * u).mean(dim=1)
         grads[s:e] = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return grads
 
@@ -412,7 +436,8 @@ def _mbd_walk(
         if rows.numel() == 0:
             break
         xb = x0[rows] + r[rows, None] * direction[rows]
-        g = _sign_gradient(oracle, xb, r[rows], target[rows], targeted, [gens[i] for i in rows.tolist()], cfg, shape)
+        g = _sign_gradient(oracle, xb, r[rows], target[rows], targeted, [gens[i] for i in rows.tolist()], cfg, shape,
+                           origin=x0[rows])
         used[rows] += cfg.num_directions
         x_hat = (xb + (xi[rows] * r[rows]).unsqueeze(1) * g).clamp_(0.0, 1.0)
         step = x_hat - x0[rows]
@@ -465,6 +490,7 @@ def minimal_boundary_search(
     min_step: float = 1e-3,
     milestones: Sequence[int] | None = None,
     seed: int = 0,
+    estimator: str = "hsja",
     chunk_size: int = 32,
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
@@ -474,9 +500,11 @@ def minimal_boundary_search(
     :func:`minimal_boundary_distance` (and :func:`boundary_search` for checkpoint_dir)."""
     if budget is None or budget < 1:
         raise ValueError(f"MBD needs a positive per-pair budget, got {budget!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown MBD estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
     if milestones is None:
         milestones = tuple(m for m in DEFAULT_MILESTONES if m < budget) + (budget,)
-    cfg = _WalkConfig(num_directions, xi_d, delta, tol, min_step, seed)
+    cfg = _WalkConfig(num_directions, xi_d, delta, tol, min_step, seed, estimator)
     return _search(oracle, x, y, refs, ref_labels, num_classes, tol=tol, budget=budget, chunk_size=chunk_size,
                    teacher_ref_labels=teacher_ref_labels, progress=progress, walk=(cfg, tuple(milestones)),
                    checkpoint_dir=checkpoint_dir)
@@ -489,7 +517,9 @@ def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, bu
     BD's included), num_directions (Q, paper 200), xi_d (initial step as a fraction of the
     current distance, paper 0.2), delta (probe radius as a fraction of the distance), tol
     (bisection stop, L2 units), min_step (stop once the adapted step falls below it), milestones
-    (query counts at which to record distances), seed. Returns float32 (N, L); every value is
+    (query counts at which to record distances), seed, estimator (``"hsja"``: Eq. 4 with
+    HopSkipJump's mean-sign baseline, the default; ``"sign-opt"``: plain Sign-OPT, for comparison;
+    see :func:`_sign_gradient`). Returns float32 (N, L); every value is
     the distance to a point the teacher labels n and is never larger than BD's.
     """
     return minimal_boundary_search(oracle, x, y, refs, ref_labels, num_classes, budget=budget, **kwargs).distances

@@ -414,6 +414,7 @@ def tracked_run(
     record = rec.enrich(raw, config=config.to_dict(), device=run_kwargs.get("device"), **(enrich or {}))
     record["mlflow_run_id"] = case.run_id
     record["mlflow_tracking_uri"] = display_uri(tracker.uri) if case.run_id else None
+    _keep_artifacts(case, record, temporary=run_kwargs.get("run_dir") is None)
     if results_dir is not None:
         record["record_path"] = str(rec.write_record(record, results_dir))
     case.log_record(record)
@@ -424,6 +425,31 @@ def tracked_run(
             _log_case_plots(case, record)
     case.end("FINISHED")
     return record
+
+
+ARTIFACT_LIMIT_BYTES = 20 * 2**20
+
+
+def _keep_artifacts(case: CaseRun, record: dict, *, temporary: bool) -> None:
+    """Log the method's artifact files (figures, soft labels, transfer sets up to 20 MiB) to the
+    case's MLflow run under ``artifacts/``. A run without ``run_dir`` worked in a temporary folder:
+    it is removed, and the record then points at the MLflow copies (``mlflow:artifacts/<file>``),
+    or says that a file was not kept."""
+    import shutil
+
+    kept = {}
+    for name, path in (record.get("artifacts") or {}).items():
+        p = Path(path)
+        if case.tracked and p.is_file() and p.stat().st_size <= ARTIFACT_LIMIT_BYTES:
+            case.log_artifact(p, "artifacts")
+            kept[name] = f"mlflow:artifacts/{p.name}" if temporary else str(p)
+        else:
+            kept[name] = str(p) if not temporary else "not kept (no run_dir; pass one to keep artifacts)"
+    record["artifacts"] = kept
+    workdir = record.get("workdir")
+    if temporary and workdir and Path(workdir).name.startswith("db3kd-") and Path(workdir).is_dir():
+        shutil.rmtree(workdir, ignore_errors=True)
+        record["workdir"] = None
 
 
 def _log_case_plots(case: CaseRun, record: dict) -> None:

@@ -171,3 +171,44 @@ def test_mbd_rejects_a_missing_budget(binary_linear):
     with pytest.raises(ValueError, match="budget"):
         minimal_boundary_distance(HardLabelOracle(model), centred_points(1), torch.tensor([0]), centred_points(2),
                                   torch.tensor([0, 1]), 2, budget=0)
+
+
+def test_sign_opt_estimator_also_walks_to_the_plane(binary_linear):
+    """The plain Sign-OPT estimator (the comparison baseline) is a working MBD estimator too."""
+    model, w, c, x, y, refs, ref_labels = setup_binary(binary_linear, n=10)
+    idx, other = torch.arange(x.shape[0]), 1 - y
+    bd = boundary_distance(HardLabelOracle(model), x, y, refs, ref_labels, 2, tol=1e-5)[idx, other]
+    res = minimal_boundary_search(HardLabelOracle(model), x, y, refs, ref_labels, 2, budget=2000, num_directions=50,
+                                  tol=1e-5, estimator="sign-opt")
+    exact = exact_plane_distance(x, w, c)
+    mbd = res.distances[idx, other]
+    assert (mbd >= exact - 1e-5).all() and (mbd <= bd + 1e-7).all()
+    # a walk that moved: most of the BD-to-plane gap is closed
+    assert float((mbd - exact).sum()) < 0.2 * float((bd - exact).sum())
+
+
+def test_unknown_estimator_is_refused(binary_linear):
+    model, *_ = binary_linear
+    with pytest.raises(ValueError, match="unknown MBD estimator 'nes'.*hsja, sign-opt"):
+        minimal_boundary_search(HardLabelOracle(model), centred_points(1), torch.tensor([0]), centred_points(2),
+                                torch.tensor([0, 1]), 2, budget=100, estimator="nes")
+
+
+def test_hopskipjump_cross_check_on_the_linear_teacher(binary_linear):
+    """ART's HopSkipJump, fed only labels through our oracle, lands on the same plane as our MBD."""
+    pytest.importorskip("art", reason="adversarial-robustness-toolbox (extra 'crosscheck') is not installed")
+    from db3kd.crosscheck import hopskipjump_distances
+
+    model, w, c, x, y, refs, ref_labels = setup_binary(binary_linear, n=8)
+    idx, other = torch.arange(x.shape[0]), 1 - y
+    ours = minimal_boundary_search(HardLabelOracle(model), x, y, refs, ref_labels, 2, budget=1500, num_directions=50,
+                                   tol=1e-5)
+    oracle = HardLabelOracle(model)
+    start = torch.stack([refs[(ref_labels == int(t)).nonzero()[0, 0]] for t in other])  # a reference of class `other`
+    before = oracle.queries
+    hsja = hopskipjump_distances(oracle, x, other, start, num_classes=2, max_iter=20, max_eval=200, init_eval=50)
+    exact = exact_plane_distance(x, w, c)
+    assert oracle.queries > before  # every HopSkipJump query went through our oracle and was counted
+    assert (hsja.distances >= exact - 1e-4).all()
+    assert torch.allclose(hsja.distances, exact, rtol=0.05, atol=2e-3)
+    assert torch.allclose(ours.distances[idx, other], exact, rtol=0.05, atol=2e-3)

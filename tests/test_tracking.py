@@ -169,6 +169,32 @@ def test_unreachable_server_warns_once_and_still_writes_the_record(tmp_path, mon
     assert (results / "records" / "digits" / "smoke" / "db3kd-sd-s1.json").is_file()
 
 
+def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path, monkeypatch):
+    """A run without run_dir works in a temporary db3kd-* folder: its figure ends up in MLflow, the
+    folder is gone, and the record points at the MLflow copy."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    workdir = Path(tempfile.mkdtemp(prefix="db3kd-test-"))
+    (workdir / "pseudo-samples.png").write_bytes(b"\x89PNG fake")
+
+    def run_with_artifact(config, *, log, **kw):
+        record = fake_run(config, log=log, **kw)
+        record.update(artifacts={"pseudo_samples_png": str(workdir / "pseudo-samples.png")}, workdir=str(workdir))
+        return record
+
+    uri = f"sqlite:///{tmp_path / 'art.db'}"
+    tracker = Tracker(uri, session_id="artifacts")
+    record = tracked_run(resolve("digits", "zsdb3kd", "smoke", 0), tracker, run_fn=run_with_artifact)
+    tracker.finish_session(["digits"])
+    assert not workdir.exists() and record["workdir"] is None
+    assert record["artifacts"] == {"pseudo_samples_png": "mlflow:artifacts/pseudo-samples.png"}
+    logged = [a.path for a in MlflowClient(uri).list_artifacts(record["mlflow_run_id"], "artifacts")]
+    assert logged == ["artifacts/pseudo-samples.png"]
+
+
 @pytest.mark.slow  # trains a digits teacher in the isolated test cache (about a minute on 2 cores)
 def test_unreachable_server_with_the_real_runner(tmp_path, monkeypatch):
     """The real runner (digits, db3kd-sd, smoke) completes and writes its record with tracking down."""

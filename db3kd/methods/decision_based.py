@@ -37,6 +37,8 @@ class DB3KDParams(MethodParams):
         "paper/flowers102": {"refs_per_class": 20},
         "cpu": {"refs_per_class": 20, "tol": 1e-4},
         "smoke": {"refs_per_class": 4, "tol": 1e-3},
+        # the AlexNet teacher answers ~500 images/s on 2 CPU cores: fewer references keep the smoke run short
+        "smoke/cifar10": {"refs_per_class": 2},
     }
 
 
@@ -162,7 +164,9 @@ class MBDParams(DB3KDParams):
     reported), num_directions (Q, paper 200), xi_d (initial step, fraction of the distance; paper
     0.2), delta (probe radius, fraction of the distance), milestones (query counts at which
     distances are recorded), milestone_students (train one student per milestone for the
-    accuracy-versus-queries curve, paper Fig. 4)."""
+    accuracy-versus-queries curve, paper Fig. 4), estimator (the sign-gradient estimator of
+    Eq. 4: ``hsja`` with HopSkipJump's baseline, or plain ``sign-opt``; see
+    :func:`db3kd.robustness._sign_gradient`)."""
 
     budget: int = Field(default=20000, ge=1)
     num_directions: int = Field(default=200, ge=2)
@@ -170,14 +174,16 @@ class MBDParams(DB3KDParams):
     delta: float = Field(default=0.01, gt=0)
     milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
     milestone_students: bool = True
+    estimator: Literal["hsja", "sign-opt"] = "hsja"
     chunk_size: int = Field(default=32, ge=1)
 
     profile_overrides: ClassVar[dict] = {
         "paper/flowers102": {"refs_per_class": 20},
-        "cpu": {"refs_per_class": 10, "tol": 1e-4, "budget": 600, "num_directions": 40,
-                "milestones": (150, 300, 600)},
+        "cpu": {"refs_per_class": 10, "tol": 1e-4, "budget": 400, "num_directions": 30,
+                "milestones": (150, 250, 400)},
         "smoke": {"refs_per_class": 4, "tol": 1e-3, "budget": 120, "num_directions": 20,
                   "milestones": (60, 120), "milestone_students": False},
+        "smoke/cifar10": {"refs_per_class": 2, "budget": 60, "num_directions": 8, "milestones": (30, 60)},
     }
 
 
@@ -196,7 +202,8 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
         return minimal_boundary_search(
             ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, budget=p.budget,
             num_directions=p.num_directions, xi_d=p.xi_d, delta=p.delta, tol=p.tol,
-            milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, chunk_size=p.chunk_size,
+            milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, estimator=p.estimator,
+            chunk_size=p.chunk_size,
             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
         )
 
