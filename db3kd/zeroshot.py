@@ -43,7 +43,8 @@ class GenerationConfig:
     per sample; num_directions: Q; tol: bisection stop; patience: iterations without growth
     before a sample stops; chunk_per_class: samples per class in one resumable chunk;
     init_pool: noise images drawn (and queried) per rejection round; init_rounds: rounds before
-    giving up on a class; snapshots: iterations whose samples are kept for the figure.
+    giving up on a class; snapshots: iterations whose samples are kept for the figure; noise:
+    the initial noise (:func:`initial_noise`; ``authors`` reproduces the released code).
     """
 
     per_class: int = 8000
@@ -62,6 +63,7 @@ class GenerationConfig:
     init_rounds: int = 20
     snapshots: tuple[int, ...] = (0, 10, 20, 40)
     seed: int = 0
+    noise: str = "mixed"
 
 
 @dataclass
@@ -79,10 +81,33 @@ class PseudoSamples:
     missing: list[int] = field(default_factory=list)
 
 
-def initial_noise(n: int, shape, gen: torch.Generator) -> torch.Tensor:
-    """``clamp((U + 0.2) * s1 + N * s2, 0, 1)``, float32 (n, *shape), per-image s1, s2 ~ U(0, 1)."""
-    s1 = torch.rand(n, *([1] * len(shape)), generator=gen)
-    s2 = torch.rand(n, *([1] * len(shape)), generator=gen)
+NOISE_KINDS = ("authors", "smooth", "mixed")
+
+
+def initial_noise(n: int, shape, gen: torch.Generator, kind: str = "authors") -> torch.Tensor:
+    """Random noise images, float32 (n, *shape) in [0, 1].
+
+    kind ``authors``: ``clamp((U + 0.2) * s1 + N * s2, 0, 1)`` with per-image s1, s2 ~ U(0, 1)
+    (the authors' code). ``smooth``: uniform noise on a quarter-resolution grid, bilinearly
+    upsampled and scaled by a per-image brightness ~ U(0, 1). ``mixed``: the first half
+    ``authors``, the rest ``smooth``. On the suite's MNIST LeNet-5 teacher, 20,000 ``authors``
+    images were labelled [1, 41, 793, 744, 1, 302, 0, 169, 17942, 7] per class (class 6 never),
+    ``smooth`` ones [452, 1954, 3920, 814, 1771, 2399, 334, 1790, 6286, 280]: rejection sampling
+    needs the smooth half to find every class. Raises ValueError for an unknown kind.
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
+    if kind == "mixed":
+        half = n // 2
+        return torch.cat([initial_noise(half, shape, gen, "authors"), initial_noise(n - half, shape, gen, "smooth")])
+    ones = [1] * len(shape)
+    if kind == "smooth":
+        c, h, w = shape
+        grid = torch.rand(n, c, max(1, h // 4), max(1, w // 4), generator=gen)
+        up = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return (up * torch.rand(n, *ones, generator=gen)).clamp_(0.0, 1.0)
+    s1 = torch.rand(n, *ones, generator=gen)
+    s2 = torch.rand(n, *ones, generator=gen)
     u = torch.rand(n, *shape, generator=gen)
     z = torch.randn(n, *shape, generator=gen)
     return ((u + 0.2) * s1 + z * s2).clamp_(0.0, 1.0)
@@ -94,7 +119,7 @@ def _draw_chunk(oracle, cfg: GenerationConfig, num_classes: int, shape, gen: tor
     picked: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
     pool_x, pool_y = [], []
     for _ in range(cfg.init_rounds):
-        x = initial_noise(cfg.init_pool, shape, gen)
+        x = initial_noise(cfg.init_pool, shape, gen, cfg.noise)
         y = oracle(x)
         pool_x.append(x)
         pool_y.append(y)

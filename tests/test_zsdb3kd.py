@@ -28,6 +28,28 @@ class CountingTeacher(nn.Module):
         return x.flatten(1) @ self.weight.T + self.bias
 
 
+@pytest.mark.parametrize("kind", ["authors", "smooth", "mixed"])
+def test_every_noise_kind_is_an_image_batch_in_range(kind):
+    x = initial_noise(9, (3, 8, 8), torch.Generator().manual_seed(0), kind)
+    assert x.shape == (9, 3, 8, 8) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.std()) > 0
+
+
+def test_smooth_noise_is_smoother_than_the_authors_noise():
+    g = torch.Generator().manual_seed(1)
+    authors, smooth = initial_noise(64, (1, 28, 28), g, "authors"), initial_noise(64, (1, 28, 28), g, "smooth")
+
+    def roughness(x):  # mean absolute difference between horizontal neighbours, relative to the spread
+        return float((x[..., 1:] - x[..., :-1]).abs().mean() / x.std())
+
+    assert roughness(smooth) < 0.5 * roughness(authors)
+
+
+def test_unknown_noise_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown noise kind 'pink'.*authors, smooth, mixed"):
+        initial_noise(2, (1, 4, 4), torch.Generator(), "pink")
+
+
 def test_initial_noise_is_in_range_and_seeded():
     a = initial_noise(5, (1, 6, 6), torch.Generator().manual_seed(3))
     b = initial_noise(5, (1, 6, 6), torch.Generator().manual_seed(3))
