@@ -28,7 +28,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -332,6 +332,26 @@ def _download_failed(name: str, root: Path, e: BaseException) -> DatasetNotFound
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _fetch_if_missing(key: str, root: Path, download: bool, missing: Callable[[], bool], fetch: Callable[[], object]) -> None:
+    """Run torchvision's download (``fetch``) when asked to and ``missing()``; any failure becomes one
+    DatasetNotFoundError naming the dataset and the data root."""
+    if download and missing():
+        try:
+            fetch()
+        except Exception as e:  # noqa: BLE001 - any torchvision/network failure becomes one clear error
+            _reraise(e)
+            raise _download_failed(key, root, e) from e
+
+
+def _files_not_found(key: str, root: Path, looked: list[str], how: str) -> DatasetNotFoundError:
+    """The error for absent dataset files: what was looked for, where, and how to get them."""
+    where = "" if root.is_dir() else f" (the data root {root} does not exist)"
+    return DatasetNotFoundError(
+        f"{key}: dataset files not found{where}. Looked for:\n" + "\n".join(f"  {line}" for line in looked)
+        + f"\nHow to get them: {how}"
+    )
+
+
 def _load_digits(val_fraction: float, image_size: int | None) -> DataSplits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -452,23 +472,17 @@ def _load_mnist_like(
     raw_dir = root / folder / "raw"
     found = _locate_mnist_files(raw_dir, checksums)
 
-    if download and not all(found.values()):
-        try:
-            tv_cls(str(root), train=True, download=True)
-        except Exception as e:  # noqa: BLE001 - any torchvision/network failure becomes one clear error
-            _reraise(e)
-            raise _download_failed(key, root, e) from e
-        found = _locate_mnist_files(raw_dir, checksums)
+    _fetch_if_missing(key, root, download, lambda: not all(found.values()),
+                      lambda: tv_cls(str(root), train=True, download=True))
+    found = _locate_mnist_files(raw_dir, checksums)
 
     missing = [f for f, c in found.items() if not c]
     if missing:
-        looked = "\n".join(f"  {raw_dir / f}  (or {raw_dir / f}.gz)" for f in missing)
-        where = "" if root.is_dir() else f" (the data root {root} does not exist)"
-        raise DatasetNotFoundError(
-            f"{key}: dataset files not found{where}. Looked for:\n{looked}\n"
-            f"How to get them: on these machines an offline copy lives in ../shared/datasets relative to the "
+        raise _files_not_found(
+            key, root, [f"{raw_dir / f}  (or {raw_dir / f}.gz)" for f in missing],
+            f"on these machines an offline copy lives in ../shared/datasets relative to the "
             f"project checkout: use --data-root ../shared/datasets (or set DB3KD_DATA); {_HINT_DOWNLOAD}; or copy "
-            f"torchvision's {folder}/raw/ files (gzip-compressed or not) under the data root."
+            f"torchvision's {folder}/raw/ files (gzip-compressed or not) under the data root.",
         )
 
     # Verify every file; uncompressed ones in the data root are used in place, gzip ones go through the cache.
@@ -617,22 +631,15 @@ def _load_cifar(key: str, root: Path, val_fraction: float, image_size: int | Non
     num_classes = _NUM_CLASSES[key]
     files = [base / f for f, _ in cls.train_list + cls.test_list] + [base / cls.meta["filename"]]
 
-    if download and not all(p.is_file() for p in files):
-        try:
-            cls(str(root), train=True, download=True)
-        except Exception as e:  # noqa: BLE001
-            _reraise(e)
-            raise _download_failed(key, root, e) from e
-
+    _fetch_if_missing(key, root, download, lambda: not all(p.is_file() for p in files),
+                      lambda: cls(str(root), train=True, download=True))
     missing = [p for p in files if not p.is_file()]
     if missing:
-        where = "" if root.is_dir() else f" (the data root {root} does not exist)"
-        raise DatasetNotFoundError(
-            f"{key}: dataset files not found{where}. Looked for:\n"
-            + "\n".join(f"  {p}" for p in missing)
-            + f"\nHow to get them: {_HINT_DOWNLOAD}, or unpack torchvision's {cls.filename} under the data root "
+        raise _files_not_found(
+            key, root, [str(p) for p in missing],
+            f"{_HINT_DOWNLOAD}, or unpack torchvision's {cls.filename} under the data root "
             f"({_HINT_DATA_ROOT}). There is no offline copy on these machines; for tests, "
-            f"db3kd.fakedata.write_fake_{key}(root) writes a small fake copy in the same format."
+            f"db3kd.fakedata.write_fake_{key}(root) writes a small fake copy in the same format.",
         )
 
     try:
@@ -689,22 +696,15 @@ def _load_flowers102(root: Path, image_size: int, download: bool) -> DataSplits:
     def _missing() -> list[Path]:
         return [p for p in needed if not (p.is_dir() if p.name == "jpg" else p.is_file())]
 
-    if download and _missing():
-        try:
-            cls(str(root), split="train", download=True)
-        except Exception as e:  # noqa: BLE001
-            _reraise(e)
-            raise _download_failed("flowers102", root, e) from e
-
+    _fetch_if_missing("flowers102", root, download, lambda: bool(_missing()),
+                      lambda: cls(str(root), split="train", download=True))
     missing = _missing()
     if missing:
-        where = "" if root.is_dir() else f" (the data root {root} does not exist)"
-        raise DatasetNotFoundError(
-            f"flowers102: dataset files not found{where}. Looked for:\n"
-            + "\n".join(f"  {p}{'/ (folder of image_NNNNN.jpg)' if p.name == 'jpg' else ''}" for p in missing)
-            + f"\nHow to get them: {_HINT_DOWNLOAD}, or unpack 102flowers.tgz and put imagelabels.mat and setid.mat "
+        raise _files_not_found(
+            "flowers102", root, [f"{p}{'/ (folder of image_NNNNN.jpg)' if p.name == 'jpg' else ''}" for p in missing],
+            f"{_HINT_DOWNLOAD}, or unpack 102flowers.tgz and put imagelabels.mat and setid.mat "
             f"into {base} ({_HINT_DATA_ROOT}). There is no offline copy on these machines; for tests, "
-            f"db3kd.fakedata.write_fake_flowers102(root) writes a small fake copy in the same format."
+            f"db3kd.fakedata.write_fake_flowers102(root) writes a small fake copy in the same format.",
         )
 
     transform = tv_transforms.Compose(
