@@ -325,10 +325,10 @@ class _WalkConfig:
     tol: float
     min_step: float
     seed: int
-    estimator: str = "hsja"  # "hsja" (ours, Eq. 4 with HopSkipJump's baseline) or "sign-opt" (plain Sign-OPT)
+    estimator: str = "tangent"  # see _sign_gradient
 
 
-ESTIMATORS = ("hsja", "sign-opt")
+ESTIMATORS = ("tangent", "sign-opt", "hsja")
 
 
 def _pair_generators(seed: int, keys: torch.Tensor) -> list[torch.Generator]:
@@ -348,21 +348,25 @@ def _sign_gradient(oracle, xb, r, target, targeted, gens, cfg, shape, origin=Non
     ``delta * r``); target: int64 (A,); gens: A generators (one per pair). ``sign = +1`` when a
     probe hits (Eq. 5). All Q probes of a pair go to the oracle in the same call. Returns float (A, D).
 
-    ``cfg.estimator`` picks the estimator:
+    ``cfg.estimator`` picks the estimator (``origin``: float (A, D), the samples ``x0`` the
+    directions start from; ``theta`` = unit direction from ``x0`` to ``x_b``):
 
-    * ``"hsja"`` (default): probes ``x_b + delta r u_q`` around the boundary point, and the mean
-      sign is subtracted before averaging (HopSkipJump's baseline, Chen et al. 2020): it removes
-      the bias of ``x_b`` lying a hair inside the target region without turning the estimate.
-    * ``"sign-opt"``: plain Sign-OPT (Cheng et al. 2020, Alg. 1). With ``theta`` the unit direction
-      from ``origin`` (float (A, D), the samples ``x0``) to ``x_b``, each probe is the point at the
-      same distance r along the perturbed direction ``theta + delta u_q``; a hit means
-      ``g(theta + delta u_q) <= g(theta)``, and the raw signs are averaged (no baseline).
+    * ``"sign-opt"``: plain Sign-OPT (Cheng et al. 2020, Alg. 1): each probe is the point at the
+      same distance r along the perturbed direction ``theta + delta u_q`` (on the sphere around
+      ``x0``); a hit means ``g(theta + delta u_q) <= g(theta)``; the raw signs are averaged.
+    * ``"tangent"`` (default): Sign-OPT's probes, with the mean sign subtracted before averaging
+      (HopSkipJump's baseline, Chen et al. 2020): the estimate stays in the sphere's tangent
+      plane, so a unit step turns the direction by the full step, and the baseline removes the
+      bias of ``x_b`` lying a hair inside the target region.
+    * ``"hsja"``: probes ``x_b + delta r u_q`` around the boundary point (off the sphere) with the
+      baseline; the estimate approaches the boundary normal, whose radial part is wasted by the
+      re-projection along the new direction (measured worse than Sign-OPT; kept for comparison).
     """
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown MBD estimator {cfg.estimator!r}; valid: {', '.join(ESTIMATORS)}")
-    sign_opt = cfg.estimator == "sign-opt"
-    if sign_opt and origin is None:
-        raise ValueError("the sign-opt estimator needs the samples (origin) its directions start from")
+    on_sphere = cfg.estimator in ("sign-opt", "tangent")
+    if on_sphere and origin is None:
+        raise ValueError(f"the {cfg.estimator} estimator needs the samples (origin) its directions start from")
     q, d = cfg.num_directions, xb.shape[1]
     grads = torch.empty_like(xb)
     for s, e in _chunks(xb.shape[0], max(1, _MAX_PROBES // q)):
@@ -370,12 +374,12 @@ def _sign_gradient(oracle, xb, r, target, targeted, gens, cfg, shape, origin=Non
         u /= u.norm(dim=2, keepdim=True)
         radius = (cfg.delta * r[s:e]).view(-1, 1, 1)
         probes = xb[s:e].unsqueeze(1) + radius * u
-        if sign_opt:  # back onto the sphere of radius r around x0: x0 + r (theta + delta u) / |theta + delta u|
+        if on_sphere:  # back onto the sphere of radius r around x0: x0 + r (theta + delta u) / |theta + delta u|
             offset = probes - origin[s:e].unsqueeze(1)
             probes = origin[s:e].unsqueeze(1) + offset * (r[s:e].view(-1, 1, 1) / offset.norm(dim=2, keepdim=True))
         labels = oracle(probes.clamp_(0.0, 1.0).view(-1, *shape)).view(e - s, q)
         sign = _hit(labels, target[s:e].unsqueeze(1), targeted).float() * 2 - 1
-        if sign_opt:
+        if cfg.estimator == "sign-opt":
             weights = sign
         else:
             centred = sign - sign.mean(dim=1, keepdim=True)
@@ -490,7 +494,7 @@ def minimal_boundary_search(
     min_step: float = 1e-3,
     milestones: Sequence[int] | None = None,
     seed: int = 0,
-    estimator: str = "hsja",
+    estimator: str = "tangent",
     chunk_size: int = 32,
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
@@ -517,9 +521,9 @@ def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, bu
     BD's included), num_directions (Q, paper 200), xi_d (initial step as a fraction of the
     current distance, paper 0.2), delta (probe radius as a fraction of the distance), tol
     (bisection stop, L2 units), min_step (stop once the adapted step falls below it), milestones
-    (query counts at which to record distances), seed, estimator (``"hsja"``: Eq. 4 with
-    HopSkipJump's mean-sign baseline, the default; ``"sign-opt"``: plain Sign-OPT, for comparison;
-    see :func:`_sign_gradient`). Returns float32 (N, L); every value is
+    (query counts at which to record distances), seed, estimator (``"tangent"``, the default:
+    Sign-OPT's on-sphere probes with HopSkipJump's mean-sign baseline; ``"sign-opt"``: plain
+    Sign-OPT; ``"hsja"``: off-sphere probes; see :func:`_sign_gradient`). Returns float32 (N, L); every value is
     the distance to a point the teacher labels n and is never larger than BD's.
     """
     return minimal_boundary_search(oracle, x, y, refs, ref_labels, num_classes, budget=budget, **kwargs).distances

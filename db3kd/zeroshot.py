@@ -139,7 +139,7 @@ def _push_chunk(oracle, cfg: GenerationConfig, o: torch.Tensor, m: torch.Tensor,
     a, d = o.shape[0], int(math.prod(shape))
     o = o.reshape(a, d).clone()
     flat_pool = pool_x.reshape(pool_x.shape[0], d)
-    walk = _WalkConfig(cfg.num_directions, cfg.xi_d, cfg.delta, cfg.tol, 1e-3, cfg.seed)
+    walk = _WalkConfig(cfg.num_directions, cfg.xi_d, cfg.delta, cfg.tol, 1e-3, cfg.seed, "hsja")  # the boundary normal
     # T start points per sample: random pool images the teacher labels otherwise
     starts = torch.empty(a, cfg.num_starts, dtype=torch.int64)
     for i in range(a):

@@ -165,8 +165,8 @@ class MBDParams(DB3KDParams):
     0.2), delta (probe radius, fraction of the distance), milestones (query counts at which
     distances are recorded), milestone_students (train one student per milestone for the
     accuracy-versus-queries curve, paper Fig. 4), estimator (the sign-gradient estimator of
-    Eq. 4: ``hsja`` with HopSkipJump's baseline, or plain ``sign-opt``; see
-    :func:`db3kd.robustness._sign_gradient`)."""
+    Eq. 4: ``tangent`` (Sign-OPT's probes with HopSkipJump's baseline), plain ``sign-opt``, or
+    ``hsja`` (off-sphere probes); see :func:`db3kd.robustness._sign_gradient`)."""
 
     budget: int = Field(default=20000, ge=1)
     num_directions: int = Field(default=200, ge=2)
@@ -174,7 +174,7 @@ class MBDParams(DB3KDParams):
     delta: float = Field(default=0.01, gt=0)
     milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
     milestone_students: bool = True
-    estimator: Literal["hsja", "sign-opt"] = "hsja"
+    estimator: Literal["tangent", "sign-opt", "hsja"] = "tangent"
     chunk_size: int = Field(default=32, ge=1)
 
     profile_overrides: ClassVar[dict] = {

@@ -51,7 +51,7 @@ class ZSDB3KDParams(DB3KDParams):
         # with 200-query searches reached 30.1%; 20 iterations of 1.0 with 100-query searches 54.6%)
         "cpu": {"per_class": 100, "iterations": 20, "xi_o": 1.0, "search_budget": 100, "num_starts": 3,
                 "num_directions": 20,
-                "chunk_per_class": 25, "init_pool": 1000, "init_rounds": 10, "label_budget": 150, "label_directions": 20, "refs_per_class": 10},
+                "chunk_per_class": 25, "init_pool": 1000, "init_rounds": 30, "label_budget": 150, "label_directions": 20, "refs_per_class": 10},
         "cpu/cifar10": {"xi_o": 3.0, "augment": "crop_flip"},
         "smoke": {"per_class": 6, "iterations": 2, "search_budget": 60, "num_starts": 2, "num_directions": 8,
                   "chunk_per_class": 3, "init_pool": 300, "init_rounds": 3, "label_budget": 60, "label_directions": 8, "refs_per_class": 3,
