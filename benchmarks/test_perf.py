@@ -330,7 +330,9 @@ def _write_report():
              "samples per class, 3 iterations.", "",
              "Oracle efficiency = images answered per second during label construction (everything included) / "
              "the teacher's bare forward peak at its best batch size, measured in the same process before and after "
-             "(the higher peak is used).", ""]
+             "(the higher peak is used). The peak itself varies by several per cent between the two measurements "
+             "(`teacher_peak_before`, `teacher_peak_after`); an efficiency slightly above 1 means the engine runs at "
+             "the bare forward's speed within that spread.", ""]
     for key in ("teacher_peak_images_per_second", "teacher_peak_before", "teacher_peak_after", "teacher_best_batch",
                 "bd_images_per_second", "mbd_images_per_second", "generation_images_per_second",
                 "oracle_efficiency_bd", "oracle_efficiency_mbd", "oracle_efficiency_generation", "bd_query_ratio",
