@@ -6,7 +6,8 @@ Layout (``results_dir`` is ``results/`` in the repository)::
 
 A record is the dict :func:`db3kd.runner.run` returns plus what is needed to trust and reproduce
 it (added by :func:`enrich`): the resolved configuration (``config``), the command that produced
-it (``command``), the machine (``machine``, a one-line summary, and ``host``, the details), the
+it (``command``), the machine (``machine``, a one-line summary, ``host``, the details, and
+``numerics``, what decides its float arithmetic), the
 data source (``data_source``: ``official``, or a sentence saying the files are synthetic or
 unofficial), the git commit, the UTC time, the method's paper number and whether it is a
 reference row, and the MLflow run id when tracked. Every leaderboard table is generated from
@@ -179,11 +180,22 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         if str(device).startswith("cuda") and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     except Exception:  # noqa: BLE001 - the record must be written whatever torch says
         pass
     return info
+
+
+def numerics(info: dict[str, Any]) -> str:
+    """What decides the float arithmetic of a run, from :func:`machine_info`: torch version,
+    device (GPU name), the CPU instruction set torch dispatches to and the thread count, e.g.
+    ``torch 2.15.0, cpu AVX2, 2 threads``. Two runs with the same teacher checkpoint and the same
+    ``numerics`` give the same labels and so the same query counts."""
+    device = str(info.get("device", "cpu"))
+    where = info.get("gpu") or f"{device} {info.get('cpu_capability', '?')}"
+    return f"torch {info.get('torch', '?')}, {where}, {info.get('torch_threads', '?')} threads"
 
 
 def machine_summary(info: dict[str, Any]) -> str:
@@ -246,6 +258,7 @@ def enrich(
         command=command if command is not None else command_line(),
         host=info,
         machine=machine_summary(info),
+        numerics=numerics(info),
         data_source=data_source,
         data_root=data_root,
         git_commit=git_commit(),

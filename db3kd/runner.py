@@ -99,6 +99,7 @@ def run(
     # teacher: a user's exported model, or the built-in one (trained once, then cached)
     if config.teacher_file:
         teacher_model, teacher_hash = load_teacher_file(config.teacher_file)
+        teacher_checkpoint = teacher_hash  # the file's own SHA-256 prefix
         from db3kd.oracle import HardLabelOracle
 
         judge = HardLabelOracle(teacher_model, batch_size=config.oracle_batch, device=dev, input_shape=image_shape)
@@ -115,6 +116,7 @@ def run(
     else:
         trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)
         teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
+        teacher_checkpoint = trained.checkpoint
 
     subset = select_subset(splits.train_y, config.student.train_subset)
     teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev)
@@ -149,6 +151,7 @@ def run(
         "accuracy_kind": "final",
         "config_hash": config.config_hash(),
         "teacher_hash": teacher_hash,
+        "teacher_checkpoint": teacher_checkpoint,
         "teacher_arch": "user-file" if config.teacher_file else config.teacher.arch,
         "student_arch": config.student.arch,
         "metrics": output.metrics,

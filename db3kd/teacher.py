@@ -23,7 +23,7 @@ from torch import nn
 
 from db3kd.errors import DB3KDError
 
-__all__ = ["TrainedTeacher", "teacher_key", "get_teacher", "load_teacher_file", "cache_root"]
+__all__ = ["TrainedTeacher", "teacher_key", "checkpoint_digest", "get_teacher", "load_teacher_file", "cache_root"]
 
 _TEACHER_FORMAT = 1
 
@@ -36,14 +36,31 @@ def cache_root() -> Path:
 @dataclass
 class TrainedTeacher:
     """A teacher ready to be wrapped by an oracle. model: nn.Module (or exported program);
-    key: cache key or file hash; test_accuracy: fraction on the test split; trained: True when
-    this call trained it (False: loaded from cache or file); history: per-epoch rows."""
+    key: cache key (hash of what determines the teacher); checkpoint: :func:`checkpoint_digest`
+    of its weights; test_accuracy: fraction on the test split; trained: True when this call
+    trained it (False: loaded from cache); history: per-epoch rows."""
 
     model: object
     key: str
+    checkpoint: str
     test_accuracy: float
     trained: bool
     history: list
+
+
+def checkpoint_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 prefix (16 hex digits) of a state dict: every entry's name, dtype, shape and bytes.
+
+    Two teachers with the same digest compute with bit-identical weights; the same cache key can
+    give a different digest on another machine when float kernels differ (training is not
+    bit-reproducible across CPU instruction sets).
+    """
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def teacher_key(stage, data_fingerprint: str, seed: int, num_classes: int, image_shape) -> str:
@@ -79,7 +96,8 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt["state_dict"])
-            return TrainedTeacher(model.eval(), key, ckpt["test_accuracy"], False, ckpt["history"])
+            digest = checkpoint_digest(ckpt["state_dict"])
+            return TrainedTeacher(model.eval(), key, digest, ckpt["test_accuracy"], False, ckpt["history"])
         x, y = splits.train_x, splits.train_y
         if stage.train_subset is not None and stage.train_subset < x.shape[0]:
             x, y = x[: stage.train_subset], y[: stage.train_subset]
@@ -90,9 +108,9 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
         )
         acc = evaluate(model, splits.test_x, splits.test_y, device=device)
         model.cpu()
-        atomic_save({"state_dict": model.state_dict(), "test_accuracy": acc, "history": history,
-                      "stage": stage.model_dump()}, path)
-        return TrainedTeacher(model.eval(), key, acc, True, history)
+        state = model.state_dict()
+        atomic_save({"state_dict": state, "test_accuracy": acc, "history": history, "stage": stage.model_dump()}, path)
+        return TrainedTeacher(model.eval(), key, checkpoint_digest(state), acc, True, history)
 
 
 def load_teacher_file(path: str | Path):

@@ -418,7 +418,8 @@ def tracked_run(
     if results_dir is not None:
         record["record_path"] = str(rec.write_record(record, results_dir))
     case.log_record(record)
-    case.set_tags({"data_source": record.get("data_source"), "teacher_hash": record.get("teacher_hash")})
+    case.set_tags({"data_source": record.get("data_source"), "teacher_hash": record.get("teacher_hash"),
+                   "teacher_checkpoint": record.get("teacher_checkpoint"), "numerics": record.get("numerics")})
     if case.tracked:
         case.log_dict(record, "record.json")
         if plots:

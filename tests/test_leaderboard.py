@@ -25,6 +25,7 @@ def make_record(method, seed, acc, *, dataset="mnist", profile="smoke", qps=10.0
         "teacher_accuracy": 0.95 + 0.01 * seed, "student_accuracy": acc, "queries_total": int(qps * 100),
         "queries_per_sample": qps, "wall_seconds": 3.0 + seed, "teacher_access": "labels", "data": "full",
         "transfer_set_size": 100, "accuracy_kind": "final", "config_hash": h, "teacher_hash": f"teach{seed:011d}",
+        "teacher_checkpoint": f"ckpt{seed:012d}", "numerics": "torch 2.15.0, cpu AVX2, 2 threads",
         "metrics": {"target_entropy": 0.5}, "milestone_accuracy": milestones or {}, "artifacts": {},
         "tables": {"class_distance": distance} if distance else {}, "config": config,
         "command": f"pytest benchmarks -m {dataset} --profile {profile}", "machine": "Linux x86_64, 2 CPUs",
@@ -174,6 +175,26 @@ def test_gate_fails_on_planted_regressions(results, tmp_path):
     missing = make_record("brand-new-method", 0, 0.1)
     result = lb.check_gate(missing, refs)
     assert result.status == "no_reference" and not result.failed and "no stored reference" in str(result)
+
+
+def test_query_gate_is_exact_on_the_reference_platform_and_slack_elsewhere(results, tmp_path):
+    refs_dir = tmp_path / "refs"
+    lb.update_references(refs_dir, "mnist", "smoke", rec.load_records(results, "mnist", "smoke"))
+    refs = lb.load_references(refs_dir, "mnist", "smoke")
+    assert refs["db3kd-mbd"]["teacher_checkpoint_by_seed"]["1"] == "ckpt000000000001"
+    slack = lb.QUERY_SLACK_OTHER_PLATFORM
+    # the same teacher weights and numerics: one query per sample more than the reference fails
+    same = make_record("db3kd-mbd", 1, 0.9, qps=901.0 * (1 + slack / 2))
+    result = lb.check_gate(same, refs)
+    assert result.failed and "(exact)" in str(result)
+    # a teacher retrained on another platform: small drift passes, a real regression still fails
+    for key, value in (("teacher_checkpoint", "ckpt-other-machine"), ("numerics", "torch 2.15.0, cpu AVX512, 2 threads")):
+        drift = {**same, key: value}
+        result = lb.check_gate(drift, refs)
+        assert result.status == "pass" and "differ from the reference" in str(result)
+        regression = {**drift, "queries_per_sample": 901.0 * (1 + 2 * slack)}
+        result = lb.check_gate(regression, refs)
+        assert result.failed and "queries per sample" in str(result) and "differ from the reference" in str(result)
 
 
 def test_update_references_keeps_other_methods(results, tmp_path):

@@ -93,6 +93,21 @@ def test_same_seed_gives_bit_identical_results_three_times():
     assert all(torch.equal(labels[0], other) for other in labels[1:])
     assert len({r["queries_total"] for r in runs}) == 1
     assert len({r["student_accuracy"] for r in runs}) == 1
+    assert len({r["teacher_checkpoint"] for r in runs}) == 1 and len(runs[0]["teacher_checkpoint"]) == 16
+
+
+def test_teacher_checkpoint_digest_follows_every_weight_bit():
+    from db3kd.models import get_model
+    from db3kd.teacher import checkpoint_digest
+
+    torch.manual_seed(0)
+    state = get_model("lenet5-half").state_dict()
+    digest = checkpoint_digest(state)
+    assert digest == checkpoint_digest({k: v.clone() for k, v in reversed(state.items())})  # order-free copy
+    flipped = {k: v.clone() for k, v in state.items()}
+    name = next(iter(flipped))
+    flipped[name].view(-1)[0] = torch.nextafter(flipped[name].view(-1)[0], torch.tensor(1.0))  # one ulp
+    assert checkpoint_digest(flipped) != digest
 
 
 def test_exhausted_budget_stops_cleanly_and_keeps_finished_work(tmp_path, capsys):
