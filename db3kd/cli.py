@@ -70,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list the registered methods (name, teacher access, data, paper)")
     methods.add_argument("--json", action="store_true", help="print a JSON list of objects with keys name, access, data, paper")
 
-    board = sub.add_parser("leaderboard", help="regenerate the leaderboard tables in results/ from the stored records")
+    board = sub.add_parser("leaderboard", help="regenerate the leaderboard tables in results/ from the stored records",
+                           description="Regenerate every table and plot from the records under RESULTS/records; "
+                           "with --from-mlflow, first write the records of the tracked runs there.")
     board.add_argument("--results", default="results", help="results folder (default: results)")
+    board.add_argument("--from-mlflow", default=None, metavar="URI", nargs="?", const="",
+                       help="take the records from the FINISHED case runs of an MLflow store (record.json of each; "
+                       "the latest run per dataset, profile, method and seed), write them under RESULTS/records and "
+                       "regenerate the tables of those (dataset, profile) groups; URI default: $MLFLOW_TRACKING_URI, "
+                       "else sqlite:///mlflow.db")
     return parser
 
 
@@ -128,7 +135,21 @@ def _cmd_methods(args) -> int:
 def _cmd_leaderboard(args) -> int:
     from db3kd.leaderboard import write_all
 
-    for path in write_all(args.results):
+    only = None
+    if args.from_mlflow is not None:
+        from db3kd.records import write_record
+        from db3kd.tracking import records_from_mlflow
+
+        records = records_from_mlflow(args.from_mlflow or None)
+        if not records:
+            from db3kd.errors import DB3KDError
+
+            raise DB3KDError(f"no finished case runs with a record.json in MLflow at {args.from_mlflow or 'the default store'}")
+        for record in records:
+            write_record(record, args.results)
+        only = sorted({(r["dataset"], r["profile"]) for r in records})
+        print(f"{len(records)} record(s) from MLflow written under {args.results}/records", file=sys.stderr)
+    for path in write_all(args.results, only=only):
         print(path)
     return 0
 

@@ -53,6 +53,7 @@ __all__ = [
     "Tracker",
     "CaseRun",
     "tracked_run",
+    "records_from_mlflow",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -316,6 +317,47 @@ class Tracker:
             rid = self.parent_run_id(dataset, create=False)
             if rid is not None:
                 self.call(self._client.set_terminated, rid, status)
+
+
+def records_from_mlflow(uri: str | None = None, datasets: list[str] | None = None) -> list[dict]:
+    """The run records stored in MLflow: the ``record.json`` artifact of every FINISHED case run.
+
+    uri: tracking URI (default :func:`default_tracking_uri`); datasets: restrict to these
+    experiments ``db3kd/<dataset>`` (default: every ``db3kd/`` experiment). When several runs hold
+    the same (dataset, profile, method, seed), the latest one wins, as when a record file is
+    overwritten. Returns a list of record dicts. Raises
+    :class:`db3kd.errors.DB3KDError` naming the URI when the store cannot be read.
+    """
+    from db3kd.errors import DB3KDError
+
+    uri = default_tracking_uri(uri)
+    try:
+        from mlflow.artifacts import load_dict
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        names = [experiment_name(d) for d in datasets] if datasets else None
+        experiments = [e for e in client.search_experiments()
+                       if e.name.startswith("db3kd/") and (names is None or e.name in names)]
+        runs = []
+        for exp in experiments:
+            runs += client.search_runs([exp.experiment_id], filter_string="tags.`db3kd.role` = 'case' and "
+                                       "attributes.status = 'FINISHED'", max_results=50000)
+        latest: dict[tuple, tuple[int, dict]] = {}
+        for run in runs:
+            rid = run.info.run_id
+            if "record.json" not in {a.path for a in client.list_artifacts(rid)}:
+                continue
+            record = load_dict(f"{run.info.artifact_uri.rstrip('/')}/record.json")
+            key = (record["dataset"], record["profile"], record["method"], int(record["seed"]))
+            if key not in latest or run.info.start_time >= latest[key][0]:
+                latest[key] = (run.info.start_time, record)
+    except DB3KDError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any store failure becomes one clear error
+        raise DB3KDError(f"cannot read run records from MLflow at {display_uri(uri)}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    return [rec for _, (_, rec) in sorted(latest.items())]
 
 
 class CaseRun:

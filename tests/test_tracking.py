@@ -239,6 +239,17 @@ def test_finished_session_reads_back_nested(tmp_path, monkeypatch):
         assert row["metrics.queries_per_sample"] == pytest.approx(10.0)
         assert row["params.student.epochs"] == str(resolve("digits", record["method"], "smoke", 0).student.epochs)
 
+    # the leaderboard rebuilt from MLflow alone: every case's record comes back, and the table lists both methods
+    from db3kd.cli import main
+    from db3kd.tracking import records_from_mlflow
+
+    back = {f"{r['dataset']}-{r['method']}-s{r['seed']}": r for r in records_from_mlflow(uri)}
+    assert sorted(back) == sorted(records)
+    assert all(back[k]["student_accuracy"] == records[k]["student_accuracy"] for k in records)
+    assert main(["leaderboard", "--from-mlflow", uri, "--results", str(tmp_path / "board")]) == 0
+    table = (tmp_path / "board" / "digits" / "smoke.md").read_text()
+    assert "db3kd-sd" in table and "db3kd-mbd" in table and "4 record(s)" in table
+
 
 @pytest.mark.slow
 def test_pytest_benchmark_session_under_xdist(tmp_path, monkeypatch):
