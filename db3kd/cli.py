@@ -104,7 +104,7 @@ def _cmd_run(args) -> int:
     if args.json:
         print(json.dumps({k: record[k] for k in keys}))
     else:
-        print(f"teacher accuracy        {record['teacher_accuracy']:.4f}")
+        print(f"teacher accuracy        {record['teacher_accuracy']:.4f} (checkpoint {record['teacher_checkpoint']})")
         print(f"student accuracy        {record['student_accuracy']:.4f}")
         print(f"queries total           {record['queries_total']}")
         print(f"queries per sample      {record['queries_per_sample']:.1f}")

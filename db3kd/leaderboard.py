@@ -281,6 +281,12 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
         for p in plot_files:
             lines.append(f"![{p.stem}]({p.name})")
             lines.append("")
+    figures = [(f"{r['method']}-s{r['seed']}", name, rel) for r in sorted(records, key=lambda r: (r["method"], int(r["seed"])))
+               for name, rel in sorted((r.get("figures") or {}).items()) if (out_dir / rel).is_file()]
+    if figures:
+        lines += ["## Method figures", ""]
+        for case, name, rel in figures:
+            lines += [f"**{case}**: `{name}`", "", f"![{case} {name}]({rel})", ""]
     md = out_dir / f"{profile}.md"
     _write_text(md, "\n".join(lines))
     written.append(md)

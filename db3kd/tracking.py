@@ -456,7 +456,7 @@ def tracked_run(
     record = rec.enrich(raw, config=config.to_dict(), device=run_kwargs.get("device"), **(enrich or {}))
     record["mlflow_run_id"] = case.run_id
     record["mlflow_tracking_uri"] = display_uri(tracker.uri) if case.run_id else None
-    _keep_artifacts(case, record, temporary=run_kwargs.get("run_dir") is None)
+    _keep_artifacts(case, record, temporary=run_kwargs.get("run_dir") is None, results_dir=results_dir)
     if results_dir is not None:
         record["record_path"] = str(rec.write_record(record, results_dir))
     case.log_record(record)
@@ -473,16 +473,24 @@ def tracked_run(
 ARTIFACT_LIMIT_BYTES = 20 * 2**20
 
 
-def _keep_artifacts(case: CaseRun, record: dict, *, temporary: bool) -> None:
+def _keep_artifacts(case: CaseRun, record: dict, *, temporary: bool, results_dir: str | os.PathLike | None = None) -> None:
     """Log the method's artifact files (figures, soft labels, transfer sets up to 20 MiB) to the
     case's MLflow run under ``artifacts/``. A run without ``run_dir`` worked in a temporary folder:
     it is removed, and the record then points at the MLflow copies (``mlflow:artifacts/<file>``),
-    or says that a file was not kept."""
+    or says that a file was not kept. With ``results_dir``, PNG figures (e.g. ZSDB3KD's Fig. 6) are
+    also copied to ``results_dir/<dataset>/figures/<profile>-<method>-s<seed>-<file>.png`` and listed
+    in ``record["figures"]`` relative to ``results_dir/<dataset>``, where the leaderboard shows them."""
     import shutil
 
     kept = {}
     for name, path in (record.get("artifacts") or {}).items():
         p = Path(path)
+        if results_dir is not None and p.suffix.lower() == ".png" and p.is_file():
+            dest = (Path(results_dir) / record["dataset"] / "figures"
+                    / f"{record['profile']}-{record['method']}-s{record['seed']}-{p.name}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+            record.setdefault("figures", {})[name] = f"figures/{dest.name}"
         if case.tracked and p.is_file() and p.stat().st_size <= ARTIFACT_LIMIT_BYTES:
             case.log_artifact(p, "artifacts")
             kept[name] = f"mlflow:artifacts/{p.name}" if temporary else str(p)

@@ -193,6 +193,32 @@ def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path,
     assert record["artifacts"] == {"pseudo_samples_png": "mlflow:artifacts/pseudo-samples.png"}
     logged = [a.path for a in MlflowClient(uri).list_artifacts(record["mlflow_run_id"], "artifacts")]
     assert logged == ["artifacts/pseudo-samples.png"]
+    assert "figures" not in record  # no results folder: nothing copied
+
+
+def test_figures_are_copied_beside_the_leaderboard(tmp_path, monkeypatch):
+    """With a results folder, a method's PNG figure lands in results/<dataset>/figures and the table shows it."""
+    import tempfile
+
+    from db3kd.leaderboard import write_all
+
+    monkeypatch.chdir(tmp_path)
+    workdir = Path(tempfile.mkdtemp(prefix="db3kd-test-"))
+    (workdir / "pseudo-samples.png").write_bytes(b"\x89PNG fake")
+
+    def run_with_artifact(config, *, log, **kw):
+        record = fake_run(config, log=log, **kw)
+        record.update(artifacts={"pseudo_samples_png": str(workdir / "pseudo-samples.png")}, workdir=str(workdir))
+        return record
+
+    results = tmp_path / "results"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'fig.db'}", session_id="figures")
+    record = tracked_run(resolve("digits", "zsdb3kd", "smoke", 0), tracker, run_fn=run_with_artifact, results_dir=results)
+    assert record["figures"] == {"pseudo_samples_png": "figures/smoke-zsdb3kd-s0-pseudo-samples.png"}
+    assert (results / "digits" / "figures" / "smoke-zsdb3kd-s0-pseudo-samples.png").read_bytes() == b"\x89PNG fake"
+    write_all(results)
+    table = (results / "digits" / "smoke.md").read_text()
+    assert "![zsdb3kd-s0 pseudo_samples_png](figures/smoke-zsdb3kd-s0-pseudo-samples.png)" in table
 
 
 @pytest.mark.slow  # trains a digits teacher in the isolated test cache (about a minute on 2 cores)
