@@ -59,7 +59,7 @@ def checkpoint_digest(state_dict: dict[str, torch.Tensor]) -> str:
     for name in sorted(state_dict):
         t = state_dict[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim entries too (BatchNorm's counters)
     return h.hexdigest()[:16]
 
 

@@ -108,6 +108,10 @@ def test_teacher_checkpoint_digest_follows_every_weight_bit():
     name = next(iter(flipped))
     flipped[name].view(-1)[0] = torch.nextafter(flipped[name].view(-1)[0], torch.tensor(1.0))  # one ulp
     assert checkpoint_digest(flipped) != digest
+    bn = get_model("alexnet-quarter").state_dict()  # BatchNorm: 0-dim int64 counters, float buffers
+    assert any(v.dim() == 0 for v in bn.values()) and len(checkpoint_digest(bn)) == 16
+    bumped = {k: (v + 1 if k.endswith("num_batches_tracked") else v) for k, v in bn.items()}
+    assert checkpoint_digest(bumped) != checkpoint_digest(bn)
 
 
 def test_exhausted_budget_stops_cleanly_and_keeps_finished_work(tmp_path, capsys):
