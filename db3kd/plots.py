@@ -74,6 +74,10 @@ def _comparable(record: dict, method: str) -> bool:
             or record.get("teacher_access") == "labels")
 
 
+#: accuracy_vs_queries: reference lines within this many points of the curve set the y range.
+ZOOM_POINTS = 3.0
+
+
 def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, method: str = MBD) -> Path | None:
     """Plot ``method``'s student accuracy (%) versus queries per pair; returns the PNG path or None.
 
@@ -117,8 +121,17 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     for i, other in enumerate(others[: len(styles)]):
         accs = [float(r["student_accuracy"]) for r in records if r.get("method") == other]
         lines.append((other, 100.0 * _mean_std(accs)[0], styles[i % len(styles)], ":"))
+    # zoom on the curve and the lines near it (paper Fig. 4 spans about one point); lines far away
+    # stay in the legend, marked as off the axis, instead of flattening the curve
+    lo = min(m - (s if math.isfinite(s) else 0.0) for m, s in stats)
+    hi = max(m + (s if math.isfinite(s) else 0.0) for m, s in stats)
+    near = [y for _, y, _, _ in lines if lo - ZOOM_POINTS <= y <= hi + ZOOM_POINTS]
+    y_min, y_max = min([lo, *near]), max([hi, *near])
+    pad = max(0.25, 0.08 * (y_max - y_min))
+    ax.set_ylim(y_min - pad, y_max + pad)
     for label, y, color, ls in lines:
-        ax.axhline(y, color=color, ls=ls, lw=1.3, label=f"{label} ({y:.1f}%)", zorder=1)
+        where = "" if y_min - pad <= y <= y_max + pad else (", below the axis" if y < y_min else ", above the axis")
+        ax.axhline(y, color=color, ls=ls, lw=1.3, label=f"{label} ({y:.1f}%{where})", zorder=1)
     if len(xs) > 1 and xs[0] > 0 and xs[-1] / xs[0] >= 8:
         ax.set_xscale("log")
     if len(xs) == 1:
