@@ -169,14 +169,10 @@ def test_unreachable_server_warns_once_and_still_writes_the_record(tmp_path, mon
     assert (results / "records" / "digits" / "smoke" / "db3kd-sd-s1.json").is_file()
 
 
-def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path, monkeypatch):
-    """A run without run_dir works in a temporary db3kd-* folder: its figure ends up in MLflow, the
-    folder is gone, and the record points at the MLflow copy."""
+def _run_with_a_figure():
+    """A temporary db3kd-* workdir holding a PNG, and a fake run whose record lists it as an artifact."""
     import tempfile
 
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.chdir(tmp_path)
     workdir = Path(tempfile.mkdtemp(prefix="db3kd-test-"))
     (workdir / "pseudo-samples.png").write_bytes(b"\x89PNG fake")
 
@@ -185,6 +181,16 @@ def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path,
         record.update(artifacts={"pseudo_samples_png": str(workdir / "pseudo-samples.png")}, workdir=str(workdir))
         return record
 
+    return workdir, run_with_artifact
+
+
+def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path, monkeypatch):
+    """A run without run_dir works in a temporary db3kd-* folder: its figure ends up in MLflow, the
+    folder is gone, and the record points at the MLflow copy."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    workdir, run_with_artifact = _run_with_a_figure()
     uri = f"sqlite:///{tmp_path / 'art.db'}"
     tracker = Tracker(uri, session_id="artifacts")
     record = tracked_run(resolve("digits", "zsdb3kd", "smoke", 0), tracker, run_fn=run_with_artifact)
@@ -198,19 +204,10 @@ def test_method_artifacts_are_logged_and_the_temporary_workdir_removed(tmp_path,
 
 def test_figures_are_copied_beside_the_leaderboard(tmp_path, monkeypatch):
     """With a results folder, a method's PNG figure lands in results/<dataset>/figures and the table shows it."""
-    import tempfile
-
     from db3kd.leaderboard import write_all
 
     monkeypatch.chdir(tmp_path)
-    workdir = Path(tempfile.mkdtemp(prefix="db3kd-test-"))
-    (workdir / "pseudo-samples.png").write_bytes(b"\x89PNG fake")
-
-    def run_with_artifact(config, *, log, **kw):
-        record = fake_run(config, log=log, **kw)
-        record.update(artifacts={"pseudo_samples_png": str(workdir / "pseudo-samples.png")}, workdir=str(workdir))
-        return record
-
+    _, run_with_artifact = _run_with_a_figure()
     results = tmp_path / "results"
     tracker = Tracker(f"sqlite:///{tmp_path / 'fig.db'}", session_id="figures")
     record = tracked_run(resolve("digits", "zsdb3kd", "smoke", 0), tracker, run_fn=run_with_artifact, results_dir=results)
