@@ -123,7 +123,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
 
     Keys: method, reference_row, teacher_access, data, n, seeds, student_mean/std (fractions),
     paper (percent or None), queries_per_sample, wall_seconds, accuracy_kind, teacher_mean/std,
-    teacher_checkpoints (weights digests; the teacher's cache key in records that predate them),
+    teacher_checkpoints (digests of the teacher's weights),
     config_hashes ({seed: hash}), configs ({hash: config dict}), data_source.
     """
     by_method: dict[str, list[dict]] = {}
@@ -154,7 +154,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
             "accuracy_kind": ", ".join(_unique(r.get("accuracy_kind", "final") for r in rs)),
             "teacher_mean": t_mean,
             "teacher_std": t_std,
-            "teacher_checkpoints": _unique(r.get("teacher_checkpoint") or r.get("teacher_hash") for r in rs),
+            "teacher_checkpoints": _unique(r.get("teacher_checkpoint") for r in rs),
             "config_hashes": {int(r["seed"]): r.get("config_hash") for r in rs if r.get("config_hash")},
             "configs": {r["config_hash"]: r["config"] for r in rs if r.get("config_hash") and r.get("config")},
             "data_source": ", ".join(_unique(r.get("data_source", "official") for r in rs)),
