@@ -21,11 +21,11 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from db3kd.errors import ConfigError
 
-__all__ = ["DATASETS", "PROFILES", "DatasetSpec", "StageConfig", "RunConfig", "resolve", "validate_model"]
+__all__ = ["DATASETS", "PROFILES", "DatasetSpec", "StageConfig", "TeacherInput", "RunConfig", "resolve", "validate_model"]
 
 PROFILE_NAMES = ("smoke", "cpu", "paper")
 
@@ -75,6 +75,38 @@ class StageConfig(BaseModel):
             weight_decay=self.weight_decay, momentum=self.momentum, lr_milestones=tuple(self.lr_milestones),
             lr_gamma=self.lr_gamma, augment=self.augment,
         )
+
+
+class TeacherInput(BaseModel):
+    """The preprocessing a user's teacher expects, applied inside the oracle: the teacher sees
+    ``(x - mean) / std`` per channel while every distance, query and soft label stays in [0, 1]
+    pixel units. mean, std: one value (all channels) or one per channel; std > 0.
+    E.g. ``--set teacher_input.mean=[0.1307] --set teacher_input.std=[0.3081]`` (torchvision's MNIST)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: tuple[float, ...] = Field(default=(0.0,), min_length=1)
+    std: tuple[float, ...] = Field(default=(1.0,), min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std):
+        if any(not (s > 0) or s != s or s == float("inf") for s in std):
+            raise ValueError(f"every std must be a finite number > 0, got {list(std)}")
+        return std
+
+    @field_validator("mean")
+    @classmethod
+    def _finite(cls, mean):
+        if any(m != m or abs(m) == float("inf") for m in mean):
+            raise ValueError(f"every mean must be finite, got {list(mean)}")
+        return mean
+
+    def check_channels(self, channels: int) -> None:
+        """Raise ConfigError unless mean and std have 1 or ``channels`` entries."""
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ConfigError(f"invalid teacher_input.{key}={list(values)!r}: needs 1 or {channels} values "
+                                  f"(one per image channel)")
 
 
 @dataclass(frozen=True)
@@ -157,11 +189,13 @@ class RunConfig:
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher_input: TeacherInput | None = None  # a user's teacher's input normalisation (None: [0, 1] pixels)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["teacher"] = self.teacher.model_dump()
         d["student"] = self.student.model_dump()
+        d["teacher_input"] = None if self.teacher_input is None else self.teacher_input.model_dump()
         return d
 
     def config_hash(self) -> str:
@@ -191,6 +225,7 @@ def resolve(
     method_overrides: dict[str, Any] | None = None,
     teacher_file: str | None = None,
     query_budget: int | None = None,
+    teacher_input: dict[str, Any] | TeacherInput | None = None,
 ) -> RunConfig:
     """Resolve (dataset, method, profile, seed) into a :class:`RunConfig`.
 
@@ -211,11 +246,15 @@ def resolve(
     merged = _merged(profile, dataset)
     teacher = validate_model(StageConfig, {"arch": spec.teacher, **merged["teacher"]}, where="teacher setting")
     student = validate_model(StageConfig, {"arch": spec.student, **merged["student"]}, where="student setting")
+    if isinstance(teacher_input, dict):
+        teacher_input = validate_model(TeacherInput, teacher_input, where="teacher_input setting")
+    elif teacher_input is not None and not isinstance(teacher_input, TeacherInput):
+        raise ConfigError(f"invalid teacher_input={teacher_input!r}: expected a mapping with keys mean, std")
     cls = get_method(method)
     params = cls.Params.for_profile(profile, dataset, method_overrides)
     return RunConfig(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
         image_size=merged.get("image_size", spec.image_size), teacher=teacher, student=student,
         method_params=params.model_dump(), oracle_batch=merged.get("oracle_batch", 4096), teacher_file=teacher_file,
-        query_budget=query_budget,
+        query_budget=query_budget, teacher_input=teacher_input,
     )
