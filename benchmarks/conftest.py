@@ -195,6 +195,8 @@ def pytest_configure(config):
     seeds = config.getoption("seeds")
     if seeds is not None and seeds < 1:
         raise pytest.UsageError(f"--seeds must be >= 1, got {seeds}")
+    if config.getoption("devices") is not None:
+        parse_devices(config.getoption("devices"), _cuda_count())  # a bad index fails now, not in a worker
     teacher = config.getoption("teacher")
     if teacher is not None and not Path(teacher).is_file():
         raise pytest.UsageError(f"--teacher {teacher}: file not found (a TorchScript or torch.export model)")
