@@ -198,7 +198,7 @@ def _recorded_run(args, config, device: str, progress: bool) -> dict:
         from db3kd.data import resolve_data_root
 
         data_root = str(resolve_data_root(args.data_root))
-    command = ("uv run " if os.environ.get("UV_RUN_RECURSION_DEPTH") else "") + command_line()
+    command = ("uv run " if os.environ.get("UV_RUN_RECURSION_DEPTH") else "") + command_line(["db3kd", *args.argv])
     session = new_session_id()
     tracker = Tracker(args.tracking_uri, enabled=not args.no_tracking, session_id=session,
                       session_name=f"db3kd run {session}", session_tags={"profile": config.profile, "command": command})
@@ -295,6 +295,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for records
     if args.command is None:
         parser.print_help()
         return 0

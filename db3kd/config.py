@@ -471,7 +471,10 @@ def config_diff(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 def describe_diff(diff: Mapping[str, Any]) -> str:
     """``{"tau": 0.5, "student.epochs": 5}`` -> ``"tau=0.5, student.epochs=5"`` ("" for the default)."""
-    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in diff.items())
+    def text(v: Any) -> str:  # strings bare unless they hold characters a one-line header cannot show
+        return v if isinstance(v, str) and v.isprintable() else json.dumps(v)
+
+    return ", ".join(f"{k}={text(v)}" for k, v in diff.items())
 
 
 def diff_hash(diff: Mapping[str, Any]) -> str:
