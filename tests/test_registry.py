@@ -258,3 +258,24 @@ def test_no_entry_points_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {})
     with pytest.raises(ConfigError, match="uv sync"):
         method_names()
+
+
+def test_the_readme_method_recipe_registers_and_runs(monkeypatch):
+    """README's "Extending" method recipe, executed as written: registered, configurable, one query per image."""
+    from pathlib import Path
+
+    from db3kd import registry
+    from db3kd.runner import run
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- recipe:method -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after the test
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_recipe"})  # noqa: S102 - our own README
+    assert "label-smoothing-kd" in method_names()
+    cfg = resolve("digits", "label-smoothing-kd", "smoke", overrides={"student.epochs": 1})
+    assert cfg.method_params == {"smoothing": 0.2}  # the recipe's smoke override
+    with pytest.raises(ConfigError, match="invalid method parameter smoothing=1"):
+        resolve("digits", "label-smoothing-kd", "smoke", overrides={"smoothing": 1})
+    record = run(cfg)
+    assert record["queries_total"] == cfg.student.train_subset == 200
+    assert 0.0 <= record["student_accuracy"] <= 1.0 and 0.0 <= record["metrics"]["agreement"] <= 1.0
