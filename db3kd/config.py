@@ -66,7 +66,10 @@ __all__ = [
     "config_diff",
     "describe_diff",
     "variant_of",
+    "diff_hash",
+    "profile_values",
     "DEFAULT_VARIANT",
+    "TOP_LEVEL_KEYS",
 ]
 
 PROFILE_NAMES = ("smoke", "cpu", "paper")
