@@ -47,16 +47,11 @@ from pathlib import Path
 
 import pytest
 
+from db3kd.datasets import DATASETS as REGISTERED_DATASETS  # the dataset registry (light: no torch)
+
 HERE = Path(__file__).resolve().parent
 PROFILES = ("smoke", "cpu", "paper")
-DATASET_MARKERS = {
-    "digits": "scikit-learn 8x8 digits (embedded, needs no files)",
-    "mnist": "MNIST (torchvision layout under --data-root)",
-    "fmnist": "Fashion-MNIST (torchvision layout under --data-root)",
-    "cifar10": "CIFAR-10 (cifar-10-batches-py; smoke profile: synthetic copy when absent)",
-    "cifar100": "CIFAR-100 (cifar-100-python under --data-root)",
-    "flowers102": "Oxford Flowers102 (flowers-102 under --data-root)",
-}
+DATASET_MARKERS = {name: spec.description for name, spec in REGISTERED_DATASETS.items()}  # one per registry entry
 OTHER_MARKERS = {
     "slow": "long-running test, excluded from the default run (select with -m slow)",
     "gpu": "meant for a CUDA GPU (paper-profile benchmark cases)",
@@ -344,8 +339,6 @@ class _State:
         from db3kd.config import resolve
         from db3kd.errors import ConfigError
 
-        if not self.settings and self.variant is None:  # SHIM until the settings language merges: drop this branch
-            return resolve(case.dataset, case.method, self.profile, case.seed, teacher_file=self.teacher_file)
         from db3kd.registry import get_method, method_names
 
         own = set(get_method(case.method).Params.model_fields)
@@ -367,8 +360,7 @@ class _State:
         from db3kd.records import read_record, record_path
         from db3kd.runner import code_version
 
-        where = (self.results_dir, cfg.dataset, cfg.profile, cfg.method, cfg.seed)
-        path = record_path(*where, cfg.variant) if hasattr(cfg, "variant") else record_path(*where)  # SHIM: variant
+        path = record_path(self.results_dir, cfg.dataset, cfg.profile, cfg.method, cfg.seed, cfg.variant)
         if not path.is_file():
             return None
         try:
@@ -444,11 +436,7 @@ def _settings(config_file: str | None, items: list[str], variant: str | None) ->
     rest) and --set items (they win); a ``variant`` key of the file names the variant unless --variant does."""
     if not config_file and not items and variant is None:
         return {}, None
-    try:  # SHIM until the settings language (db3kd.config.parse_set, load_config_file) merges: drop the guard
-        from db3kd.config import load_config_file, parse_set
-    except ImportError:
-        raise pytest.UsageError("--set / --config / --variant need db3kd's settings language "
-                                "(db3kd.config.parse_set), not in this checkout yet") from None
+    from db3kd.config import load_config_file, parse_set
     from db3kd.errors import ConfigError
 
     settings: dict = {}

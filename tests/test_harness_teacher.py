@@ -43,7 +43,7 @@ def _check(tmp_path: Path, teacher: Path, out: subprocess.CompletedProcess, expe
             "the oracle (labels or scores)") in out.stdout
     assert "teacher-ce trains the teacher's architecture with the teacher's training recipe" in out.stdout
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "records" / "digits" / "smoke").glob("*.json")}
-    assert {name.rsplit("-s", 1)[0] for name in records} == expected_methods
+    assert {r["method"] for r in records.values()} == expected_methods and len(records) == len(expected_methods)
     for name, record in records.items():
         assert record["teacher_file"] == str(teacher) and record["teacher_sha256"] == sha, name
         assert record["teacher_checkpoint"] == sha[:16] and record["teacher_accuracy"] > 0.9, name

@@ -168,8 +168,8 @@ def test_oracle_input_norm_keeps_queries_in_pixel_units():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(teacher_input={"mean": [0.5], "std": [0.0]}), "invalid teacher_input setting std=[0.0]"),
-    (dict(teacher_input={"mean": [0.5], "sd": [1.0]}), "unknown teacher_input setting 'sd'"),
+    (dict(teacher_input={"mean": [0.5], "std": [0.0]}), "invalid setting teacher_input.std=[0.0]"),
+    (dict(teacher_input={"mean": [0.5], "sd": [1.0]}), "unknown setting 'teacher_input.sd'"),
     (dict(teacher_input={"mean": [0.5, 0.5], "std": [1.0]}, teacher_file="T"), "invalid teacher_input.mean=[0.5, 0.5]"),
     (dict(teacher_input={"mean": [0.5], "std": [1.0]}), "teacher_input (the input normalisation of a user's teacher) needs"),
     (dict(method="zskt", teacher_file="T"), "zskt needs white-box access"),
