@@ -26,6 +26,32 @@ def _parse_override(text: str):
     return key, parsed
 
 
+# --- distributed label construction (issue 17): db3kd.distributed, Ray imported only when used ---
+def _add_ray_options(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="split label construction (BD, MBD, ZSDB3KD generation and labelling) into chunk tasks on "
+                       "a local Ray cluster of N workers (one GPU per task when there are GPUs); same result as without")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the chunk tasks on an existing Ray cluster (ADDR as printed by `ray start --head`, or "
+                       "auto); on several machines give a --run-dir on shared storage")
+
+
+def _executor(args):
+    """The ChunkExecutor that --workers / --ray-address ask for (None: in-process)."""
+    if args.workers is None and args.ray_address is None:
+        return None
+    if args.workers is not None and args.workers < 1:
+        from db3kd.errors import ConfigError
+
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    from db3kd.distributed import RayExecutor
+
+    return RayExecutor(workers=args.workers, address=args.ray_address,
+                       progress=not args.no_progress and sys.stderr.isatty())
+# --- end of the distributed options ------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="db3kd",
@@ -56,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "torch.export (.pt2) model of any architecture, used only through the oracle")
     run.add_argument("--run-dir", default=None, metavar="DIR",
                      help="keep the run in DIR/<config hash>: long stages checkpoint there and a rerun resumes from "
-                     "whatever is complete; a finished run is returned without recomputation")
+                     "whatever is complete; a finished run is returned without recomputation. With --ray-address on "
+                     "several machines, DIR must be shared storage (NFS or similar) mounted at the same path on every "
+                     "node: the workers write their chunk files there")
     run.add_argument("--query-budget", type=int, default=None, metavar="N",
                      help="the most teacher queries the method may spend in total; the run stops cleanly when they "
                      "are spent (with --run-dir, finished work is kept and a rerun with a larger budget continues)")
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
+    _add_ray_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
     run.add_argument("--show-config", action="store_true", help="print the fully resolved configuration and exit")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -98,16 +127,19 @@ def _cmd_run(args) -> int:
         print(f"db3kd run: {config.method} on {config.dataset}, profile {config.profile}, seed {config.seed}, "
               f"config {config.config_hash()}", file=sys.stderr)
     record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir,
-                 progress=not args.no_progress and sys.stderr.isatty())
+                 progress=not args.no_progress and sys.stderr.isatty(), executor=_executor(args))
     keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
-            "queries_per_sample", "wall_seconds")
+            "queries_sent", "queries_per_sample", "soft_label_sha256", "wall_seconds")
     if args.json:
-        print(json.dumps({k: record[k] for k in keys}))
+        print(json.dumps({k: record.get(k) for k in keys}))  # .get: records written before a key existed
     else:
         print(f"teacher accuracy        {record['teacher_accuracy']:.4f} (checkpoint {record['teacher_checkpoint']})")
         print(f"student accuracy        {record['student_accuracy']:.4f}")
         print(f"queries total           {record['queries_total']}")
+        print(f"queries sent            {record.get('queries_sent')} (every query sent, lost work included)")
         print(f"queries per sample      {record['queries_per_sample']:.1f}")
+        if record.get("soft_label_sha256"):
+            print(f"soft labels sha256      {record['soft_label_sha256']}")
         print(f"wall time               {record['wall_seconds']:.1f} s")
         for k, v in sorted(record["metrics"].items()):
             print(f"{k:<24}{v:.4g}")

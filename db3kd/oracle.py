@@ -77,6 +77,7 @@ class _Oracle:
         batch_size: int = 4096,
         device: str | torch.device = "cpu",
         input_shape: Sequence[int] | None = None,
+        on_answer: Callable[[int], None] | None = None,
     ):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(f"budget must be None or a non-negative int, got {budget!r}")
@@ -87,6 +88,7 @@ class _Oracle:
         self._device = torch.device(device)
         self._input_shape = tuple(input_shape) if input_shape is not None else None
         self._queries = 0
+        self._on_answer = on_answer  # told the size of every call sent (db3kd.distributed's query ledger)
         forward = as_callable_model(model)
         if isinstance(forward, nn.Module):
             forward.to(self._device)
@@ -138,6 +140,8 @@ class _Oracle:
         n = int(x.shape[0])
         if self._budget is not None and self._queries + n > self._budget:
             raise QueryBudgetExceeded(self._budget, self._queries, n)
+        if self._on_answer is not None and n:
+            self._on_answer(n)  # before the teacher runs: a call cut short was still sent (and billed)
         out = None
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
@@ -164,7 +168,9 @@ class HardLabelOracle(_Oracle):
     model: ``nn.Module``, TorchScript module, ``torch.export.ExportedProgram`` or callable mapping
     float32 (N, C, H, W) in [0, 1] to logits (N, L). budget: None (unlimited) or the most images it
     will answer. batch_size: images per forward call. device: where the teacher runs.
-    input_shape: optional (C, H, W) that every query must have.
+    input_shape: optional (C, H, W) that every query must have. on_answer: optional callable
+    told the number of images of every call sent to the teacher, after validation and the budget
+    check and before the forward pass (e.g. a query ledger on disk).
 
     ``oracle(x)`` with x float (N, C, H, W) in [0, 1] returns int64 (N,) on x's device; raises
     ValueError for bad input and QueryBudgetExceeded before a call that would exceed the budget.

@@ -31,18 +31,19 @@ def select_subset(y: torch.Tensor, k: int | None, *, seed: int = 0) -> torch.Ten
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
-def teacher_access_for(access: str, model, config: RunConfig, image_shape, device):
-    """What a method with ``access`` receives: None, a label oracle, a score oracle or the module."""
+def teacher_access_for(access: str, model, config: RunConfig, image_shape, device, on_answer=None):
+    """What a method with ``access`` receives: None, a label oracle, a score oracle or the module.
+    on_answer: told the size of every oracle call (the run's query ledger)."""
     from db3kd.oracle import HardLabelOracle, ScoreOracle
 
     if access == "none":
         return None
     if access == "labels":
         return HardLabelOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                               input_shape=image_shape)
+                               input_shape=image_shape, on_answer=on_answer)
     if access == "scores":
         return ScoreOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                           input_shape=image_shape)
+                           input_shape=image_shape, on_answer=on_answer)
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -59,6 +60,7 @@ def run(
     run_dir: str | Path | None = None,
     log: Callable[[dict, int | None], None] | None = None,
     splits=None,
+    executor=None,
 ) -> dict[str, Any]:
     """Run ``config`` end to end and return its record.
 
@@ -67,8 +69,13 @@ def run(
     stage checkpoints there atomically, a rerun resumes from whatever is complete, and a finished
     run (``record.json``) is returned without recomputation; otherwise artifacts go to a fresh
     temporary folder. log(metrics, step): metric sink (e.g. MLflow); splits: pre-loaded
-    :class:`db3kd.data.DataSplits` to reuse. Raises DatasetNotFoundError, ConfigError,
-    QueryBudgetExceeded as they occur.
+    :class:`db3kd.data.DataSplits` to reuse; executor: how label construction runs
+    (:class:`db3kd.distributed.ChunkExecutor`, default in-process, or ``RayExecutor``: the same
+    record, bit for bit). The record's ``queries_sent`` counts every query any oracle of the run
+    sent, interrupted and retried work included (``queries_total`` counts each finished piece of
+    work once); ``soft_label_sha256`` is the digest of the soft labels the student was trained
+    on (None for methods without). Raises DatasetNotFoundError, ConfigError, QueryBudgetExceeded
+    as they occur.
     """
     import json
     import tempfile
@@ -82,6 +89,7 @@ def run(
     else:
         workdir = Path(tempfile.mkdtemp(prefix=f"db3kd-{config.config_hash()}-"))
     from db3kd.context import MethodContext
+    from db3kd.distributed import LEDGER_DIR, ChunkExecutor, QueryLedger, TeacherSpec, queries_sent, soft_label_sha256
     from db3kd.data import load_dataset
     from db3kd.registry import get_method
     from db3kd.teacher import get_teacher, load_teacher_file
@@ -92,6 +100,12 @@ def run(
     dev = torch.device(device)
     method_cls = get_method(config.method)
     params = method_cls.Params(**config.method_params)
+    executor = executor or ChunkExecutor()
+    if executor.distributed and config.query_budget is not None:
+        from db3kd.errors import ConfigError
+
+        raise ConfigError("a query budget is enforced by one oracle in one process: --query-budget cannot be combined "
+                          "with --workers / --ray-address")
     if splits is None:
         splits = load_dataset(config.dataset, data_root, val_fraction=config.val_fraction, image_size=config.image_size)
     image_shape = tuple(splits.train_x.shape[1:])
@@ -119,7 +133,16 @@ def run(
         teacher_checkpoint = trained.checkpoint
 
     subset = select_subset(splits.train_y, config.student.train_subset)
-    teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev)
+    ledger = QueryLedger(workdir / LEDGER_DIR, "driver")
+    teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev,
+                                      on_answer=ledger.add)
+
+    def teacher_spec() -> TeacherSpec:  # what a distributed executor's workers rebuild the oracle from
+        where = dict(digest=teacher_checkpoint, access=method_cls.teacher_access, input_shape=image_shape,
+                     batch_size=config.oracle_batch, num_classes=splits.num_classes)
+        if config.teacher_file:
+            return TeacherSpec.from_file(config.teacher_file, **where)
+        return TeacherSpec.builtin(teacher_model, arch=config.teacher.arch, **where)
 
     def evaluate_milestone(model) -> float:
         return evaluate(model, splits.test_x, splits.test_y, device=dev)
@@ -128,11 +151,13 @@ def run(
         config=config, params=params, train_x=splits.train_x[subset], train_y=splits.train_y[subset],
         val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
         workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone, resumable=run_dir is not None,
+        executor=executor.bind(teacher_spec, workdir / LEDGER_DIR),
     )
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)
     student_accuracy = evaluate(output.student, splits.test_x, splits.test_y, device=dev)
     queries = int(getattr(teacher_view, "queries", 0) or 0) + output.resumed_queries
+    ledger.close()
     size = output.transfer_set_size if output.transfer_set_size is not None else int(subset.numel())
     wall = time.perf_counter() - started
     record = {
@@ -143,6 +168,8 @@ def run(
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": student_accuracy,
         "queries_total": queries,
+        "queries_sent": queries_sent(workdir / LEDGER_DIR),
+        "soft_label_sha256": soft_label_sha256(output.soft_labels),
         "queries_per_sample": queries / max(size, 1),
         "wall_seconds": wall,
         "teacher_access": method_cls.teacher_access,
