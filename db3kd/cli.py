@@ -126,8 +126,11 @@ def _cmd_run(args) -> int:
     if not args.json:
         print(f"db3kd run: {config.method} on {config.dataset}, profile {config.profile}, seed {config.seed}, "
               f"config {config.config_hash()}", file=sys.stderr)
+    executor = _executor(args)
+    if executor is not None and not args.json:
+        print(f"db3kd run: label construction as chunk tasks on the {executor.describe()}", file=sys.stderr)
     record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir,
-                 progress=not args.no_progress and sys.stderr.isatty(), executor=_executor(args))
+                 progress=not args.no_progress and sys.stderr.isatty(), executor=executor)
     keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
             "queries_sent", "queries_per_sample", "soft_label_sha256", "wall_seconds")
     if args.json:

@@ -255,13 +255,13 @@ def _gather(ray, refs: Sequence, desc: str, progress: bool) -> list:
         bar.close()
 
 
-_WORKER_CACHE: dict[str, Any] = {}  # per worker process: the last few objects fetched (teacher, search inputs)
+_WORKER_CACHE: dict[str, Any] = {}  # per worker process: the teacher and the current search inputs
 
 
 def _fetch(ray, ref):
     key = ref.hex()
     if key not in _WORKER_CACHE:
-        if len(_WORKER_CACHE) >= 4:
+        if len(_WORKER_CACHE) >= 2:
             _WORKER_CACHE.clear()
         _WORKER_CACHE[key] = ray.get(ref)
     return _WORKER_CACHE[key]
@@ -321,8 +321,8 @@ class RayExecutor(ChunkExecutor):
 
     def describe(self) -> str:
         res = self._ray.cluster_resources()
-        return (f"Ray cluster {self.address or 'local'}: {int(res.get('CPU', 0))} CPU slot(s), "
-                f"{int(res.get('GPU', 0))} GPU(s)")
+        where = f"Ray cluster at {self.address}" if self.address else "local Ray cluster"
+        return f"{where} ({int(res.get('CPU', 0))} CPU slot(s), {int(res.get('GPU', 0))} GPU(s))"
 
     def search(self, fn, oracle, *args, num_chunks: int, dir_arg: str = "checkpoint_dir", **kwargs):
         if self._teacher is None or self._ledger_dir is None:

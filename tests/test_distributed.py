@@ -100,6 +100,34 @@ def test_chunks_argument_computes_only_the_asked_chunks_then_assembles(tmp_path)
         boundary_search(oracle, x, y, refs, ref_labels, 3, chunk_size=4, chunks=[0])
 
 
+def test_teacher_spec_rebuilds_the_same_oracle_from_weights_or_an_exported_file(tmp_path):
+    """What a worker receives (pickled): the built-in teacher's weights or the user's file; the
+    rebuilt oracle answers exactly as the driver's, and a wrong digest is refused."""
+    import pickle
+
+    from db3kd import HardLabelOracle
+    from db3kd.distributed import TeacherSpec
+    from db3kd.errors import DB3KDError
+    from db3kd.models import get_model
+    from db3kd.teacher import checkpoint_digest, load_teacher_file
+
+    torch.manual_seed(0)
+    model = get_model("lenet5", num_classes=10, in_channels=1, image_size=16).eval()
+    x = torch.rand(64, 1, 16, 16)
+    expected = HardLabelOracle(model)(x)
+    where = dict(access="labels", input_shape=(1, 16, 16), batch_size=32, num_classes=10)
+    builtin = TeacherSpec.builtin(model, arch="lenet5", digest=checkpoint_digest(model.state_dict()), **where)
+    path = tmp_path / "teacher.pt"
+    torch.jit.save(torch.jit.trace(model, x[:2]), path)
+    exported = TeacherSpec.from_file(path, digest=load_teacher_file(path)[1], **where)
+    for spec in (builtin, exported):
+        sent = []
+        oracle = pickle.loads(pickle.dumps(spec)).oracle("cpu", on_answer=sent.append)
+        assert torch.equal(oracle(x), expected) and sent == [64]
+    with pytest.raises(DB3KDError, match="digest"):
+        TeacherSpec.builtin(model, arch="lenet5", digest="0" * 16, **where).model()
+
+
 def test_help_does_not_import_ray():
     code = "import sys\nfrom db3kd.cli import main\ntry:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n" \
            "assert 'ray' not in sys.modules, 'db3kd --help imported ray'"
