@@ -232,3 +232,16 @@ def test_query_budget_is_refused_on_ray(ray_cluster):
     config = resolve_config("digits", "db3kd-bd", "smoke", 0, query_budget=1000)
     with pytest.raises(ConfigError, match="--query-budget cannot be combined with --workers"):
         run(config, executor=RayExecutor(workers=2))
+
+
+@pytest.mark.slow
+def test_zsdb3kd_generation_and_labelling_on_ray_are_bit_identical(ray_cluster, tmp_path):
+    """ZSDB3KD: pseudo-sample chunks and their MBD labelling as Ray tasks give the in-process record."""
+    from db3kd.distributed import RayExecutor
+    from db3kd.runner import run
+
+    config = resolve("digits", "zsdb3kd", "smoke", 0)
+    local = run(config, run_dir=tmp_path / "local")
+    remote = run(config, run_dir=tmp_path / "ray", executor=RayExecutor(workers=2))
+    for key in ("queries_total", "queries_sent", "student_accuracy", "soft_label_sha256", "metrics"):
+        assert remote[key] == local[key], key
