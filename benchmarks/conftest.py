@@ -20,7 +20,10 @@ of the built-in one), ``--rerun``, ``--run-dir DIR``, ``--tracking-uri URI`` (de
 $MLFLOW_TRACKING_URI, else ``mlflow.db`` at the project root), ``--no-tracking``,
 ``--update-references``, ``--results-dir`` (default results/, with --teacher
 results/teachers/<file>-<sha256 prefix>/), ``--references-dir`` (default benchmarks/references/),
-``--device`` / ``--devices 0,1`` (xdist worker k uses GPU ``k mod count``).
+``--device`` / ``--devices 0,1`` (xdist worker k uses GPU ``k mod count``), ``--workers N`` /
+``--ray-address ADDR`` (run the cases as Ray tasks, one GPU each where the cluster has GPUs:
+every selected case is submitted when the first one runs, and each test collects its own
+record; not with ``-n``).
 
 Per case: a record already in the results folder for the same configuration hash, teacher
 checkpoint and code version (:func:`db3kd.runner.code_version`) is reused (``--rerun`` runs it
@@ -31,7 +34,10 @@ regression gate of ``benchmarks/references/<dataset>-<profile>.json`` is applied
 ``--teacher``, white-box methods and methods that need the teacher's training recipe are
 skipped with the reason (:func:`db3kd.runner.user_teacher_conflict`). At the end of the session
 (the xdist controller, once) the tables and plots of every (dataset, profile) that ran are
-regenerated from all its records, and references are refreshed with ``--update-references``. A
+regenerated from all its records, and references are refreshed with ``--update-references``.
+On Ray the record, gate, tables and MLflow run are made on the driver exactly as in-process
+(the case's metrics are replayed into its MLflow run when it returns); pytest-benchmark then
+times the wait for the case's result, the record's ``wall_seconds`` the run itself. A
 dataset whose files are missing is skipped with the paths looked at; only ``cifar10`` under the
 smoke profile falls back to a synthetic copy in torchvision's format, announced as such in the
 warning, the record, the table and the terminal summary.
@@ -126,6 +132,12 @@ def pytest_addoption(parser):
                      "--set/--config change)")
     g.addoption("--perf-sizes", default=None, metavar="N,N,...",
                 help="test_perf.py: training-set sizes of the scaling sweep (default 1000,4000)")
+    # cases as Ray tasks (issue 17; db3kd.distributed.RayCaseRunner)
+    g.addoption("--workers", type=int, default=None, metavar="N",
+                help="run the cases as Ray tasks on a local Ray cluster of N workers (one GPU per case where there "
+                     "are GPUs); same records, MLflow runs, gates and tables as in-process")
+    g.addoption("--ray-address", default=None, metavar="ADDR",
+                help="run the cases as Ray tasks on the existing Ray cluster at ADDR (`ray start --head`; auto)")
 
 
 def _is_worker(config) -> bool:
@@ -203,6 +215,7 @@ def pytest_configure(config):
     teacher = config.getoption("teacher")
     if teacher is not None and not Path(teacher).is_file():
         raise pytest.UsageError(f"--teacher {teacher}: file not found (a TorchScript or torch.export model)")
+    _check_ray_options(config)
     state = _State(config)
     config._db3kd = state  # noqa: SLF001 - one object per process, reached from hooks and fixtures
     _STATE_HOLDER["state"] = state
@@ -307,6 +320,7 @@ class _State:
             self.session_id = new_session_id()
             self.command = ("uv run " if os.environ.get("UV_RUN_RECURSION_DEPTH") else "") + command_line(sys.argv)
         self._splits: dict = {}
+        self._ray_cases = None  # db3kd.distributed.RayCaseRunner, with --workers / --ray-address
         self._tracker = None
         self.outcomes: list[dict] = []  # filled by pytest_runtest_logreport (controller sees workers' too)
         self.summary: list[str] = []
@@ -428,6 +442,54 @@ class _State:
             return f"skipped, not faked (files missing): {first}"
 
 
+    # -- cases as Ray tasks (--workers / --ray-address) ---------------------------------------------
+
+    def remote_run(self, case: Case, session):
+        """A ``run_fn`` for tracked_run that collects ``case`` from its Ray task, or None (in-process).
+        The first call submits every selected case, so the cluster runs them side by side while
+        the tests collect them one by one, in order."""
+        opt = self.config.getoption
+        if opt("workers") is None and opt("ray_address") is None:
+            return None
+        if self._ray_cases is None:
+            import torch
+
+            from db3kd.distributed import RayCaseRunner
+            from db3kd.teacher import cache_root
+
+            # each case with this process's thread count: the numerics (and gates) of a local session
+            self._ray_cases = RayCaseRunner(workers=opt("workers"), address=opt("ray_address"),
+                                            threads=torch.get_num_threads(), cache_dir=str(cache_root().resolve()))
+            for item in session.items:
+                other = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+                if not isinstance(other, Case):
+                    continue
+                try:
+                    cfg = self.resolve(other)
+                except pytest.skip.Exception:
+                    continue  # the case skips itself when it runs
+                key = (cfg.dataset, cfg.image_size, cfg.val_fraction)
+                if key not in self._splits:
+                    self._splits[key] = self._load(cfg)
+                if not isinstance(self._splits[key], str):  # missing data: the case skips itself
+                    self._ray_cases.submit(other.id, cfg, self._splits[key][2])
+        cases = self._ray_cases
+        return lambda config, log, **_: cases.result(case.id, log)
+
+
+def _check_ray_options(config) -> None:
+    workers, address = config.getoption("workers"), config.getoption("ray_address")
+    if workers is None and address is None:
+        return
+    if workers is not None and address is not None:
+        raise pytest.UsageError("--workers starts a local Ray cluster, --ray-address joins one: give one of them")
+    if workers is not None and workers < 1:
+        raise pytest.UsageError(f"--workers must be >= 1, got {workers}")
+    if _is_worker(config) or config.getoption("numprocesses", default=None):
+        raise pytest.UsageError("--workers / --ray-address run the cases on Ray; -n runs them in pytest-xdist "
+                                "processes: use one of the two")
+
+
 IDENTITY = ("dataset", "method", "seed", "num_classes")  # the harness enumerates these itself
 
 
@@ -523,6 +585,7 @@ def run_case(db3kd_bench, request):
                         "extra": {"session_id": state.session_id, "test_id": case.id}},
                 tags={"test_id": case.id},
                 data_root=root, device=state.device, splits=splits, run_dir=state.run_dir, fresh=state.rerun,
+                run_fn=state.remote_run(case, request.session),
             )
         if cfg.teacher_file:  # the references hold the built-in teacher's numbers
             status, messages = "user_teacher", [f"{case.id}: not gated, a user's teacher"]

@@ -22,6 +22,32 @@ def dataset_choices() -> list[str]:
     return dataset_names()
 
 
+# --- distributed label construction (issue 17): db3kd.distributed, Ray imported only when used ---
+def _add_ray_options(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="split label construction (BD, MBD, ZSDB3KD generation and labelling) into chunk tasks on "
+                       "a local Ray cluster of N workers (one GPU per task when there are GPUs); same result as without")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="run the chunk tasks on an existing Ray cluster (ADDR as printed by `ray start --head`, or "
+                       "auto); on several machines give a --run-dir on shared storage")
+
+
+def _executor(args):
+    """The ChunkExecutor that --workers / --ray-address ask for (None: in-process)."""
+    if args.workers is None and args.ray_address is None:
+        return None
+    if args.workers is not None and args.workers < 1:
+        from db3kd.errors import ConfigError
+
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    from db3kd.distributed import RayExecutor
+
+    return RayExecutor(workers=args.workers, address=args.ray_address,
+                       progress=not args.no_progress and sys.stderr.isatty())
+# --- end of the distributed options ------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="db3kd",
@@ -60,7 +86,9 @@ def _add_run(sub) -> argparse.ArgumentParser:
                      "torch.export (.pt2) model of any architecture, used only through the oracle")
     run.add_argument("--run-dir", default=None, metavar="DIR",
                      help="keep the run in DIR/<config hash>: long stages checkpoint there and a rerun resumes from "
-                     "whatever is complete; a finished run is returned without recomputation")
+                     "whatever is complete; a finished run is returned without recomputation. With --ray-address on "
+                     "several machines, DIR must be shared storage (NFS or similar) mounted at the same path on every "
+                     "node: the workers write their chunk files there")
     run.add_argument("--query-budget", type=int, default=None, metavar="N",
                      help="the most teacher queries the method may spend in total; the run stops cleanly when they "
                      "are spent (with --run-dir, finished work is kept and a rerun with a larger budget continues)")
@@ -76,6 +104,7 @@ def _add_run(sub) -> argparse.ArgumentParser:
     run.add_argument("--variant", default=None, metavar="NAME",
                      help="name this configuration in records, leaderboards and MLflow (default: 'default' for the "
                      "default configuration, else the hash of what differs from it)")
+    _add_ray_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
     run.add_argument("--show-config", action="store_true",
                      help="print the fully resolved configuration as YAML (loadable with --config) and exit")
@@ -150,21 +179,28 @@ def _cmd_run(args) -> int:
               f"config {config.config_hash()}, variant {config.variant}" + (f" ({diff})" if diff else ""),
               file=sys.stderr)
     progress = not args.no_progress and sys.stderr.isatty()
+    executor = _executor(args)
+    if executor is not None and not args.json:
+        print(f"db3kd run: label construction as chunk tasks on the {executor.describe()}", file=sys.stderr)
     if args.record:
-        record = _recorded_run(args, config, device, progress)
+        record = _recorded_run(args, config, device, progress, executor)
     else:
         from db3kd.runner import run
 
-        record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress)
+        record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress,
+                     executor=executor)
     keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
-            "queries_per_sample", "wall_seconds", "config_hash")
-    if args.json:
-        print(json.dumps({**{k: record[k] for k in keys}, "variant": config.variant}))
+            "queries_sent", "queries_per_sample", "soft_label_sha256", "wall_seconds", "config_hash")
+    if args.json:  # .get: records written before a key existed
+        print(json.dumps({**{k: record.get(k) for k in keys}, "variant": config.variant}))
     else:
         print(f"teacher accuracy        {record['teacher_accuracy']:.4f} (checkpoint {record['teacher_checkpoint']})")
         print(f"student accuracy        {record['student_accuracy']:.4f}")
         print(f"queries total           {record['queries_total']}")
+        print(f"queries sent            {record.get('queries_sent')} (every query sent, lost work included)")
         print(f"queries per sample      {record['queries_per_sample']:.1f}")
+        if record.get("soft_label_sha256"):
+            print(f"soft labels sha256      {record['soft_label_sha256']}")
         print(f"wall time               {record['wall_seconds']:.1f} s")
         for k, v in sorted(record["metrics"].items()):
             print(f"{k:<24}{v:.4g}")
@@ -187,7 +223,7 @@ def _diff(config) -> dict:
     return config_diff(config)
 
 
-def _recorded_run(args, config, device: str, progress: bool) -> dict:
+def _recorded_run(args, config, device: str, progress: bool, executor=None) -> dict:
     """``db3kd run --record``: the benchmark harness's code path (:func:`db3kd.tracking.tracked_run`)."""
     from db3kd.datasets import get_dataset
     from db3kd.records import command_line
@@ -206,7 +242,8 @@ def _recorded_run(args, config, device: str, progress: bool) -> dict:
     try:
         record = tracked_run(config, tracker, results_dir=args.results,
                              enrich={"command": command, "data_root": data_root},
-                             data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress)
+                             data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress,
+                             executor=executor)
         status = "FINISHED"
     finally:
         tracker.finish_session([config.dataset], status)

@@ -37,6 +37,7 @@ class MethodOutput:
     artifacts: dict[str, str] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
     resumed_queries: int = 0  # spent by an interrupted earlier run of this configuration whose work was reused
+    soft_labels: torch.Tensor | None = None  # float32 (N, L) the student was trained on (digest in the record)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class MethodContext:
     methods never see the test set (``evaluate_milestone`` scores a student on it for curves).
     teacher: per the method's teacher_access. config: the resolved run configuration.
     log(metrics, step): records metrics (MLflow when tracked). workdir: a folder for artifacts.
+    executor: how chunked label construction runs (:class:`db3kd.distributed.ChunkExecutor`:
+    in this process; ``RayExecutor``: one Ray task per chunk), used as
+    ``ctx.executor.search(fn, ctx.teacher, ..., num_chunks=..., checkpoint_dir=...)``.
     """
 
     config: RunConfig
@@ -64,6 +68,13 @@ class MethodContext:
     progress: bool = False
     evaluate_milestone: Callable[[nn.Module], float] | None = None
     resumable: bool = False  # checkpoint long stages into workdir and resume from them
+    executor: Any = None  # db3kd.distributed.ChunkExecutor (default: in-process) that label construction runs through
+
+    def __post_init__(self):
+        if self.executor is None:
+            from db3kd.distributed import ChunkExecutor
+
+            self.executor = ChunkExecutor()
 
     @property
     def seed(self) -> int:
@@ -116,8 +127,9 @@ class MethodContext:
         )
 
     def checkpoint_dir(self, name: str) -> Path | None:
-        """A folder for a stage's resumable chunks in the run directory, or None when not resumable."""
-        if not self.resumable:
+        """A folder for a stage's resumable chunks in the run directory, or None when not resumable
+        (a distributed executor always gets one: its workers write the chunks there)."""
+        if not self.resumable and not self.executor.distributed:
             return None
         path = self.workdir / "checkpoints" / name
         path.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,7 @@ class _Oracle:
         num_classes: int | None = None,
         input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
         name: str = "teacher",
+        on_answer: Callable[[int], None] | None = None,
     ):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(f"budget must be None or a non-negative int, got {budget!r}")
@@ -119,6 +120,7 @@ class _Oracle:
         self._device = torch.device(device)
         self._input_shape = tuple(input_shape) if input_shape is not None else None
         self._queries = 0
+        self._on_answer = on_answer  # told the size of every call sent (db3kd.distributed's query ledger)
         forward = as_callable_model(model)
         if isinstance(forward, nn.Module):
             forward.to(self._device)
@@ -180,6 +182,8 @@ class _Oracle:
         n = int(x.shape[0])
         if self._budget is not None and self._queries + n > self._budget:
             raise QueryBudgetExceeded(self._budget, self._queries, n)
+        if self._on_answer is not None and n:
+            self._on_answer(n)  # before the teacher runs: a call cut short was still sent (and billed)
         out = None
         with torch.inference_mode():
             for start in range(0, n, self._batch_size):
@@ -210,7 +214,9 @@ class HardLabelOracle(_Oracle):
     teacher), every forward's output must be finite float logits (N, num_classes), else
     :class:`TeacherOutputError` naming ``name``, raised before the batch is counted. input_norm:
     optional (mean, std), one value or one per channel: the teacher is fed ``(x - mean) / std``
-    while queries, distances and budgets stay in [0, 1] pixel units.
+    while queries, distances and budgets stay in [0, 1] pixel units. on_answer: optional callable
+    told the number of images of every call sent to the teacher, after validation and the budget
+    check and before the forward pass (e.g. a query ledger on disk).
 
     ``oracle(x)`` with x float (N, C, H, W) in [0, 1] returns int64 (N,) on x's device; raises
     ValueError for bad input and QueryBudgetExceeded before a call that would exceed the budget.

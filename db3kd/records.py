@@ -272,7 +272,8 @@ def enrich(
     registered (else they are left as given / None / False).
     """
     out = dict(record)
-    info = machine_info(device or str(record.get("device", "cpu")))
+    # a record measured elsewhere (a Ray worker, db3kd.distributed) brings its own host
+    info = record.get("host") or machine_info(device or str(record.get("device", "cpu")))
     out.update(
         record_version=RECORD_VERSION,
         command=command if command is not None else command_line(),

@@ -47,6 +47,7 @@ __all__ = [
     "minimal_boundary_distance",
     "minimal_boundary_search",
     "DEFAULT_MILESTONES",
+    "plan_chunks",
 ]
 
 DEFAULT_MILESTONES = (1000, 2000, 5000, 10000, 20000)
@@ -106,6 +107,30 @@ def _check_inputs(x, y, refs, ref_labels, num_classes):
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(start + size, n)
+
+
+# --- chunks= extension (issue 17; the "engine" rewrite implements the same interface) -----------
+def plan_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """The resumable chunks of a search over n items: ``[(start, end), ...]`` covering 0..n in order.
+
+    ``chunks=[k, ...]`` of :func:`boundary_search`, :func:`minimal_boundary_search` and
+    :func:`db3kd.zeroshot.generate_pseudo_samples` index into this list. Raises ValueError for
+    chunk_size < 1.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return list(_chunks(n, chunk_size))
+
+
+def _check_chunk_request(chunks, n_planned: int, checkpoint_dir) -> list[int]:
+    if checkpoint_dir is None:
+        raise ValueError("chunks= computes chunks into files: it needs a checkpoint folder")
+    chunks = [int(k) for k in chunks]
+    bad = [k for k in chunks if not 0 <= k < n_planned]
+    if bad:
+        raise ValueError(f"chunk indices {bad} are outside the plan of {n_planned} chunk(s)")
+    return chunks
+# --- end of the chunks= extension ---------------------------------------------------------------
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -289,14 +314,20 @@ def boundary_search(
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
     checkpoint_dir=None,
-) -> RobustnessResult:
+    chunks: Sequence[int] | None = None,
+) -> RobustnessResult | int:
     """Boundary distance, paper Eq. 3, with its query accounting; see :func:`boundary_distance`.
 
     checkpoint_dir: folder where every finished chunk is written atomically; a rerun with the same
     inputs loads finished chunks instead of querying again (their queries stay in the totals).
+    chunks: indices into :func:`plan_chunks` ``(N, chunk_size)``; with a checkpoint_dir, only
+    those chunks (and the shared answers) are computed, or found already written, and the call
+    returns the queries it spent (int) without assembling; a later call without chunks
+    assembles everything from the folder. Raises ValueError for chunks without checkpoint_dir.
     """
     return _search(oracle, x, y, refs, ref_labels, num_classes, tol=tol, budget=budget, chunk_size=chunk_size,
-                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=None, checkpoint_dir=checkpoint_dir)
+                   teacher_ref_labels=teacher_ref_labels, progress=progress, walk=None, checkpoint_dir=checkpoint_dir,
+                   chunks=chunks)
 
 
 def boundary_distance(oracle, x, y, refs, ref_labels, num_classes, **kwargs) -> torch.Tensor:
@@ -500,9 +531,10 @@ def minimal_boundary_search(
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
     checkpoint_dir=None,
-) -> RobustnessResult:
+    chunks: Sequence[int] | None = None,
+) -> RobustnessResult | int:
     """Minimal boundary distance with its query accounting and milestone record; see
-    :func:`minimal_boundary_distance` (and :func:`boundary_search` for checkpoint_dir)."""
+    :func:`minimal_boundary_distance` (and :func:`boundary_search` for checkpoint_dir and chunks)."""
     if budget is None or budget < 1:
         raise ValueError(f"MBD needs a positive per-pair budget, got {budget!r}")
     if estimator not in ESTIMATORS:
@@ -512,7 +544,7 @@ def minimal_boundary_search(
     cfg = _WalkConfig(num_directions, xi_d, delta, tol, min_step, seed, estimator)
     return _search(oracle, x, y, refs, ref_labels, num_classes, tol=tol, budget=budget, chunk_size=chunk_size,
                    teacher_ref_labels=teacher_ref_labels, progress=progress, walk=(cfg, tuple(milestones)),
-                   checkpoint_dir=checkpoint_dir)
+                   checkpoint_dir=checkpoint_dir, chunks=chunks)
 
 
 def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, budget: int = 2000, **kwargs):
@@ -551,13 +583,17 @@ def _resumable(checkpoint_dir, name: str, compute):
 
 
 def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_size, teacher_ref_labels,
-            progress, walk, checkpoint_dir=None) -> RobustnessResult:
+            progress, walk, checkpoint_dir=None, chunks=None) -> RobustnessResult | int:
     y, ref_labels = _check_inputs(x, y, refs, ref_labels, num_classes)
+    start_queries = oracle.queries
     if tol <= 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if budget is not None and budget < 0:
         raise ValueError(f"budget must be >= 0 queries per pair, got {budget}")
     n, num_l = x.shape[0], num_classes
+    plan = plan_chunks(n, chunk_size)
+    if chunks is not None:  # chunks= extension (issue 17): checked before any query is spent
+        chunks = _check_chunk_request(chunks, len(plan), checkpoint_dir)
 
     def shared_answers():
         before = oracle.queries
@@ -574,9 +610,15 @@ def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_s
     queries = torch.zeros((n, num_l), dtype=torch.int64, device=x.device)
     milestones = walk[1] if walk else ()
     at = torch.full((len(milestones), n, num_l), math.inf, dtype=torch.float32, device=x.device) if walk else None
-    bar = _progress(n, "MBD" if walk else "BD", progress)
     flat_refs = refs.reshape(refs.shape[0], -1)
-    for s, e in _chunks(n, chunk_size):
+    if chunks is not None:  # chunks= extension (issue 17): compute these chunks into files, do not assemble
+        for k in chunks:
+            s, e = plan[k]
+            _resumable(checkpoint_dir, f"chunk{s:08d}-{e:08d}.pt",
+                       lambda: _chunk(oracle, x, y, pred, refs, ref_labels, flat_refs, s, e, num_l, tol, budget, walk))
+        return oracle.queries - start_queries
+    bar = _progress(n, "MBD" if walk else "BD", progress)
+    for s, e in plan:
         done = _resumable(checkpoint_dir, f"chunk{s:08d}-{e:08d}.pt",
                           lambda: _chunk(oracle, x, y, pred, refs, ref_labels, flat_refs, s, e, num_l, tol, budget, walk))
         distances[s:e], queries[s:e] = done["distances"], done["queries"]

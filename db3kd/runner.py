@@ -88,21 +88,22 @@ def _door_kwargs(config: RunConfig) -> dict:
             "input_norm": None if norm is None else (norm.mean, norm.std)}
 
 
-def teacher_access_for(access: str, model, config: RunConfig, image_shape, device):
+def teacher_access_for(access: str, model, config: RunConfig, image_shape, device, on_answer=None):
     """What a method with ``access`` receives: None, a label oracle, a score oracle or the module.
 
     For a user's teacher file (``config.teacher_file``) the oracles also check every answer
-    (finite float logits, one per class) and feed the teacher ``config.teacher_input``'s normalisation."""
+    (finite float logits, one per class) and feed the teacher ``config.teacher_input``'s normalisation.
+    on_answer: told the size of every oracle call (the run's query ledger)."""
     from db3kd.oracle import HardLabelOracle, ScoreOracle
 
     if access == "none":
         return None
     if access == "labels":
         return HardLabelOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                               input_shape=image_shape, **_door_kwargs(config))
+                               input_shape=image_shape, on_answer=on_answer, **_door_kwargs(config))
     if access == "scores":
         return ScoreOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                           input_shape=image_shape, **_door_kwargs(config))
+                           input_shape=image_shape, on_answer=on_answer, **_door_kwargs(config))
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -120,6 +121,7 @@ def run(
     log: Callable[[dict, int | None], None] | None = None,
     splits=None,
     fresh: bool = False,
+    executor=None,
 ) -> dict[str, Any]:
     """Run ``config`` end to end and return its record.
 
@@ -130,7 +132,12 @@ def run(
     temporary folder. What ``run_dir`` holds is used only under the same :func:`code_version` (and,
     for a teacher file, the same file bytes): otherwise, or with ``fresh=True``, the config's folder
     is emptied first. log(metrics, step): metric sink (e.g. MLflow); splits: pre-loaded
-    :class:`db3kd.data.DataSplits` to reuse.
+    :class:`db3kd.data.DataSplits` to reuse; executor: how label construction runs
+    (:class:`db3kd.distributed.ChunkExecutor`, default in-process, or ``RayExecutor``: the same
+    record, bit for bit). The record's ``queries_sent`` counts every query any oracle of the run
+    sent, interrupted and retried work included (``queries_total`` counts each finished piece of
+    work once); ``soft_label_sha256`` is the digest of the soft labels the student was trained
+    on (None for methods without).
 
     A user's teacher file is checked at the door before any query counts (:func:`db3kd.teacher.check_teacher`):
     wrong output width, integer or non-finite outputs raise TeacherOutputError; a non-deterministic
@@ -173,6 +180,7 @@ def run(
     else:
         workdir = Path(tempfile.mkdtemp(prefix=f"db3kd-{config.config_hash()}-"))
     from db3kd.context import MethodContext
+    from db3kd.distributed import LEDGER_DIR, ChunkExecutor, QueryLedger, TeacherSpec, queries_sent, soft_label_sha256
     from db3kd.data import load_dataset
     from db3kd.teacher import DOOR_PROBE, check_teacher, get_teacher, load_teacher_file, near_chance_warning
     from db3kd.training import evaluate, seed_everything
@@ -180,6 +188,10 @@ def run(
     started = time.perf_counter()
     log = log or (lambda metrics, step=None: None)
     dev = torch.device(device)
+    executor = executor or ChunkExecutor()
+    if executor.distributed and config.query_budget is not None:
+        raise ConfigError("a query budget is enforced by one oracle in one process: --query-budget cannot be combined "
+                          "with --workers / --ray-address")
     if splits is None:
         splits = load_dataset(config.dataset, data_root, val_fraction=config.val_fraction, image_size=config.image_size)
     image_shape = tuple(splits.train_x.shape[1:])
@@ -218,7 +230,18 @@ def run(
         teacher_checkpoint = trained.checkpoint
 
     subset = select_subset(splits.train_y, config.student.train_subset)
-    teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev)
+    ledger = QueryLedger(workdir / LEDGER_DIR, "driver")
+    teacher_view = teacher_access_for(method_cls.teacher_access, teacher_model, config, image_shape, dev,
+                                      on_answer=ledger.add)
+
+    def teacher_spec() -> TeacherSpec:  # what a distributed executor's workers rebuild the oracle from
+        where = dict(digest=teacher_checkpoint, access=method_cls.teacher_access, input_shape=image_shape,
+                     batch_size=config.oracle_batch, num_classes=splits.num_classes)
+        if config.teacher_file:
+            from dataclasses import replace
+
+            return replace(TeacherSpec.from_file(config.teacher_file, **where), oracle_kwargs=_door_kwargs(config))
+        return TeacherSpec.builtin(teacher_model, arch=config.teacher.arch, **where)
 
     def evaluate_milestone(model) -> float:
         return evaluate(model, splits.test_x, splits.test_y, device=dev)
@@ -227,11 +250,13 @@ def run(
         config=config, params=params, train_x=splits.train_x[subset], train_y=splits.train_y[subset],
         val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
         workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone, resumable=run_dir is not None,
+        executor=executor.bind(teacher_spec, workdir / LEDGER_DIR),
     )
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)
     student_accuracy = evaluate(output.student, splits.test_x, splits.test_y, device=dev)
     queries = int(getattr(teacher_view, "queries", 0) or 0) + output.resumed_queries
+    ledger.close()
     size = output.transfer_set_size if output.transfer_set_size is not None else int(subset.numel())
     wall = time.perf_counter() - started
     record = {
@@ -242,6 +267,8 @@ def run(
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": student_accuracy,
         "queries_total": queries,
+        "queries_sent": queries_sent(workdir / LEDGER_DIR),
+        "soft_label_sha256": soft_label_sha256(output.soft_labels),
         "queries_per_sample": queries / max(size, 1),
         "wall_seconds": wall,
         "teacher_access": method_cls.teacher_access,

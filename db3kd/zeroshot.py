@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from db3kd.training import atomic_save
-from db3kd.robustness import _WalkConfig, _bisect, _chunks, _hit, _mbd_walk, _pair_generators, _sign_gradient
+from db3kd.robustness import (_WalkConfig, _bisect, _check_chunk_request, _chunks, _hit, _mbd_walk, _pair_generators,
+                              _sign_gradient, plan_chunks)
 
 __all__ = ["GenerationConfig", "PseudoSamples", "generate_pseudo_samples", "initial_noise"]
 
@@ -193,25 +195,36 @@ def _push_chunk(oracle, cfg: GenerationConfig, o: torch.Tensor, m: torch.Tensor,
 
 
 def generate_pseudo_samples(oracle, num_classes: int, image_shape, cfg: GenerationConfig, *,
-                            out_dir: str | Path | None = None, progress: bool = False) -> PseudoSamples:
+                            out_dir: str | Path | None = None, progress: bool = False,
+                            chunks: Sequence[int] | None = None) -> PseudoSamples | int:
     """Generate ``cfg.per_class`` pseudo samples per class through ``oracle`` (paper Sec. 3.3).
 
     oracle: HardLabelOracle (the only access to the teacher); image_shape: (C, H, W);
     out_dir: folder for resumable chunks (None = no checkpoints). Returns :class:`PseudoSamples`.
-    Raises QueryBudgetExceeded when the oracle's own budget runs out: finished chunks stay on disk.
+    chunks: indices into :func:`db3kd.robustness.plan_chunks` ``(per_class, chunk_per_class)``;
+    with out_dir, only those chunks are generated (or found already written) and the call
+    returns the queries it spent (int) without assembling. Raises QueryBudgetExceeded when the
+    oracle's own budget runs out (finished chunks stay on disk), ValueError for chunks without
+    out_dir or outside the plan.
     """
     from tqdm.auto import tqdm
 
     shape = tuple(image_shape)
-    n_chunks = math.ceil(cfg.per_class / cfg.chunk_per_class)
+    n_chunks = len(plan_chunks(cfg.per_class, cfg.chunk_per_class))  # = ceil(per_class / chunk_per_class)
+    if chunks is not None:  # chunks= extension (issue 17)
+        chunks = _check_chunk_request(chunks, n_chunks, out_dir)
+    start_queries = oracle.queries
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     xs, ys, dists, snaps = [], [], [], {}
     total = 0
-    for k in tqdm(range(n_chunks), desc="ZSDB3KD generation", unit="chunk", disable=not progress, leave=False):
+    todo = range(n_chunks) if chunks is None else chunks
+    for k in tqdm(todo, desc="ZSDB3KD generation", unit="chunk", disable=not progress, leave=False):
         path = out / f"chunk{k:05d}.pt" if out is not None else None
         if path is not None and path.exists():
+            if chunks is not None:  # already written: nothing to do for this chunk
+                continue
             chunk = torch.load(path, weights_only=True)
         else:
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + k)
@@ -227,6 +240,8 @@ def generate_pseudo_samples(oracle, num_classes: int, image_shape, cfg: Generati
                      "queries": oracle.queries - before}
             if path is not None:
                 atomic_save(chunk, path)
+        if chunks is not None:
+            continue
         xs.append(chunk["x"])
         ys.append(chunk["y"])
         dists.append(chunk["distance"])
@@ -235,6 +250,8 @@ def generate_pseudo_samples(oracle, num_classes: int, image_shape, cfg: Generati
             snaps.setdefault(int(i), ([], []))
             snaps[int(i)][0].append(v)
             snaps[int(i)][1].append(chunk["y"])
+    if chunks is not None:
+        return oracle.queries - start_queries
     x = torch.cat(xs).float().div(255.0) if xs else torch.empty(0, *shape)
     y = torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
     present = set(y.unique().tolist())

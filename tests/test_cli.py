@@ -14,7 +14,7 @@ from db3kd.cli import main
 from tests.conftest import shared_data_or_skip
 
 KEYS = {"dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
-        "queries_per_sample", "wall_seconds", "config_hash", "variant"}
+        "queries_sent", "queries_per_sample", "soft_label_sha256", "wall_seconds", "config_hash", "variant"}
 
 
 def run_json(capsys, *args):

@@ -106,7 +106,7 @@ class _DB3KD(Method):
         atomic_save({"distances": r, "soft_labels": targets, "queries": result.queries}, ctx.workdir / "soft_labels.pt")
         student = self.train_student(ctx, targets)
         output = MethodOutput(student=student, metrics=metrics, artifacts={"soft_labels": str(ctx.workdir / "soft_labels.pt")},
-                              resumed_queries=resumed)
+                              resumed_queries=resumed, soft_labels=targets)
         output.tables["class_distance"] = _class_distance_matrix(r, ctx.train_y, ctx.num_classes)
         self.after_training(ctx, result, output)
         return output
@@ -151,12 +151,13 @@ class DB3KDBoundaryDistance(_DB3KD):
     paper_results = {"mnist": 99.51, "fmnist": 90.68, "cifar10": 77.92, "flowers102": 93.30}
 
     def robustness(self, ctx, x, refs, ref_labels):
-        from db3kd.robustness import boundary_search
+        from db3kd.robustness import boundary_search, plan_chunks
 
         p = self.params
-        return boundary_search(ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, tol=p.tol,
-                               chunk_size=p.chunk_size, progress=ctx.progress,
-                               checkpoint_dir=ctx.checkpoint_dir("robustness"))
+        return ctx.executor.search(boundary_search, ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes,
+                                   num_chunks=len(plan_chunks(x.shape[0], p.chunk_size)), tol=p.tol,
+                                   chunk_size=p.chunk_size, progress=ctx.progress,
+                                   checkpoint_dir=ctx.checkpoint_dir("robustness"))
 
 
 class MBDParams(DB3KDParams):
@@ -196,11 +197,12 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
     paper_results = {"mnist": 99.52, "fmnist": 91.45, "cifar10": 78.30, "flowers102": 93.77}
 
     def robustness(self, ctx, x, refs, ref_labels):
-        from db3kd.robustness import minimal_boundary_search
+        from db3kd.robustness import minimal_boundary_search, plan_chunks
 
         p = self.params
-        return minimal_boundary_search(
-            ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, budget=p.budget,
+        return ctx.executor.search(
+            minimal_boundary_search, ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes,
+            num_chunks=len(plan_chunks(x.shape[0], p.chunk_size)), budget=p.budget,
             num_directions=p.num_directions, xi_d=p.xi_d, delta=p.delta, tol=p.tol,
             milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, estimator=p.estimator,
             chunk_size=p.chunk_size,

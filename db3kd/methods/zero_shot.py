@@ -72,7 +72,7 @@ class ZSDB3KD(_DB3KD):
     paper_results = {"mnist": 96.54, "fmnist": 72.31, "cifar10": 59.46}
 
     def run(self, ctx: MethodContext) -> MethodOutput:
-        from db3kd.robustness import minimal_boundary_search
+        from db3kd.robustness import minimal_boundary_search, plan_chunks
         from db3kd.soft_labels import label_statistics
         from db3kd.zeroshot import GenerationConfig, generate_pseudo_samples
 
@@ -86,12 +86,15 @@ class ZSDB3KD(_DB3KD):
             snapshots=tuple(sorted({0, p.iterations // 4, p.iterations // 2, p.iterations})),
         )
         before = oracle.queries
-        pseudo = generate_pseudo_samples(oracle, ctx.num_classes, ctx.image_shape, gen_cfg,
-                                         out_dir=ctx.checkpoint_dir("pseudo_samples"), progress=ctx.progress)
+        pseudo = ctx.executor.search(generate_pseudo_samples, oracle, ctx.num_classes, ctx.image_shape, gen_cfg,
+                                     num_chunks=len(plan_chunks(p.per_class, p.chunk_per_class)), dir_arg="out_dir",
+                                     out_dir=ctx.checkpoint_dir("pseudo_samples"), progress=ctx.progress)
         x, y = pseudo.x, pseudo.y
         ref_idx = pick_references(y, ctx.num_classes, p.refs_per_class, ctx.seed)
-        result = minimal_boundary_search(
-            oracle, x, y, x[ref_idx], y[ref_idx], ctx.num_classes, budget=p.label_budget,
+        label_chunk = 32  # samples per labelling chunk (minimal_boundary_search's default, as before)
+        result = ctx.executor.search(
+            minimal_boundary_search, oracle, x, y, x[ref_idx], y[ref_idx], ctx.num_classes,
+            num_chunks=len(plan_chunks(x.shape[0], label_chunk)), chunk_size=label_chunk, budget=p.label_budget,
             num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
         )
@@ -111,7 +114,8 @@ class ZSDB3KD(_DB3KD):
         }
         ctx.log(metrics, None)
         return MethodOutput(student=student, metrics=metrics, transfer_set_size=int(x.shape[0]),
-                            artifacts={"pseudo_samples_png": str(figure)}, resumed_queries=resumed)
+                            artifacts={"pseudo_samples_png": str(figure)}, resumed_queries=resumed,
+                            soft_labels=targets)
 
     def train_student_on(self, ctx: MethodContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor):
         from db3kd.losses import kd_loss
