@@ -1,0 +1,170 @@
+"""The fair protocol of issue 18: statistics in the tables, grouping, orderings, forest plot,
+teacher seed, one-cycle schedule, tuned parameters, milestone selection on validation."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from db3kd import leaderboard as lb
+from db3kd import records as rec
+from db3kd import stats
+
+from test_leaderboard import PNG, make_record
+
+ACC = {  # per-seed accuracies (fractions) of a fake cpu table
+    "student-ce": [0.88, 0.91, 0.92],
+    "label-smoothing": [0.89, 0.91, 0.93],
+    "db3kd-mbd": [0.90, 0.92, 0.95],
+    "db3kd-bd": [0.89, 0.915, 0.94],
+    "db3kd-sd": [0.94, 0.9705, 0.98],  # +6, +6.05, +6 points over student-ce
+    "noise-logits": [0.80, 0.81, 0.83],
+    "zsdb3kd": [0.70],
+}
+ACCESS = {"student-ce": ("none", "full"), "label-smoothing": ("none", "full"), "db3kd-sd": ("none", "full"),
+          "noise-logits": ("none", "full"), "db3kd-mbd": ("labels", "full"), "db3kd-bd": ("labels", "full"),
+          "zsdb3kd": ("labels", "none")}
+
+
+@pytest.fixture
+def board(tmp_path):
+    root = tmp_path / "results"
+    for method, accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            r = make_record(method, seed, acc, profile="cpu", reference_row=method == "student-ce")
+            r["teacher_access"], r["data"] = ACCESS[method]
+            r["teacher_accuracy"], r["teacher_checkpoint"] = 0.993, "ckpt-shared"
+            rec.write_record(r, root)
+    lb.write_all(root)
+    return root / "mnist"
+
+
+def _tables(md: str) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """{group heading: (header, rows)} of every markdown table under a '### ' heading."""
+    out, heading, lines = {}, None, md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("### "):
+            heading = line[4:]
+        if line.startswith("|") and not lines[i - 1].startswith("|"):
+            block = []
+            for follow in lines[i:]:
+                if not follow.startswith("|"):
+                    break
+                block.append([c.strip() for c in follow.strip("|").split("|")])
+            out[heading] = (block[0], block[2:])
+    return out
+
+
+def test_csv_has_the_statistics_of_issue_18(board):
+    with open(board / "cpu.csv") as f:
+        reader = csv.DictReader(f)
+        rows = {r["method"]: r for r in reader}
+    assert reader.fieldnames[:8] == ["method", "n", "mean", "std", "ci95_low", "ci95_high", "p_vs_student_ce",
+                                     "p_vs_label_smoothing"]
+    acc = {m: dict(enumerate(v)) for m, v in ACC.items()}
+    expected = stats.compare_methods(acc)
+    mbd = rows["db3kd-mbd"]
+    assert int(mbd["n"]) == 3 and float(mbd["mean"]) == pytest.approx(100 * sum(ACC["db3kd-mbd"]) / 3, abs=1e-4)
+    s = stats.summarize(ACC["db3kd-mbd"])
+    assert float(mbd["ci95_low"]) == pytest.approx(100 * s.ci95_low, abs=1e-4)
+    assert float(mbd["p_vs_student_ce"]) == pytest.approx(expected["db3kd-mbd"]["p_vs_student_ce"], abs=1e-6)
+    assert float(mbd["p_vs_label_smoothing"]) == pytest.approx(expected["db3kd-mbd"]["p_vs_label_smoothing"], abs=1e-6)
+    assert float(mbd["diff_vs_student_ce"]) == pytest.approx(2.0, abs=1e-4)
+    # 1 seed: no spread, no interval, no test
+    z = rows["zsdb3kd"]
+    assert z["n"] == "1" and z["std"] == "" and z["ci95_low"] == "" and z["p_vs_student_ce"] == ""
+    assert rows["student-ce"]["p_vs_student_ce"] == ""
+
+
+def test_tables_are_grouped_marked_and_say_what_they_test(board):
+    md = (board / "cpu.md").read_text()
+    tables = _tables(md)
+    headings = list(tables)
+    assert headings == ["no teacher · full training data (teacher access `none`, data `full`)",
+                        "teacher labels (top-1) · full training data (teacher access `labels`, data `full`)",
+                        "teacher labels (top-1) · no data (teacher access `labels`, data `none`)"]
+    header, rows = tables[headings[0]]
+    assert [r[0] for r in rows] == ["student-ce (reference)", "db3kd-sd", "label-smoothing", "noise-logits"]
+    col = {c: i for i, c in enumerate(header)}
+    sd = rows[1]
+    assert sd[col["p vs student-ce"]].endswith(" *")  # db3kd-sd: +6 points on every seed
+    assert sd[col["Δ vs student-ce (points, paired 95% CI)"]].startswith("+6.02 [")
+    assert rows[0][col["p vs student-ce"]] == "control"
+    z = tables[headings[2]][1][0]
+    assert z[col["student acc. %"]] == "70.00 (1 seed)"
+    assert z[col["Δ vs student-ce (points, paired 95% CI)"]] == "-18.00 (1 seed, no interval)"
+    # constants in the header, not in the columns
+    assert "teacher checkpoint" not in col and "teacher checkpoint: ckpt-shared" in md
+    assert "paper %" not in col and "not shown: profile `cpu`" in md
+    assert "paired t-test over shared seeds (scipy.stats.ttest_rel), Holm-corrected" in md
+    assert "mean ± std over seeds" not in md
+
+
+def test_orderings_paragraph_is_generated_from_the_records(board):
+    md = (board / "cpu.md").read_text()
+    section = md[md.index("## The paper's Table 1 orderings, here"):]
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(lines) == len(stats.PAPER_ORDERING)
+    acc = {m: dict(enumerate(v)) for m, v in ACC.items()}
+    o = {(x.a, x.b): x for x in stats.paper_orderings(acc)}
+    mbd_bd = o[("db3kd-mbd", "db3kd-bd")]
+    assert lines[0].startswith("- `db3kd-mbd` ≥ `db3kd-bd`: holds on the means")
+    assert f"p = {mbd_bd.p_value:.3f}" in lines[0]
+    assert lines[1].startswith("- `db3kd-bd` ≥ `db3kd-sd`: does NOT hold")
+    assert "not measured (no record of standard-kd)" in lines[2]
+    ce_noise = o[("student-ce", "noise-logits")]
+    assert lines[5].startswith("- `student-ce` > `noise-logits`: holds") and ce_noise.observed
+
+
+def test_forest_plot_is_written_and_honest_about_one_seed(board, tmp_path):
+    from db3kd import plots
+
+    path = board / "cpu-forest.png"
+    assert path.read_bytes().startswith(PNG) and "cpu-forest.png" in (board / "cpu.md").read_text()
+    records = rec.load_records(board.parent, "mnist", "cpu")
+    assert plots.forest_plot([r for r in records if r["method"] != "student-ce"], tmp_path / "f.png") is None
+    one = [r for r in records if int(r["seed"]) == 0]
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    seen = {}
+    real_save = plots._save
+
+    def grab(fig, p):
+        ax = fig.axes[0]
+        seen["labels"] = [t.get_text() for t in ax.get_yticklabels()]
+        seen["title"] = ax.get_title()
+        return real_save(fig, p)
+
+    plots._save = grab
+    try:
+        assert plots.forest_plot(one, tmp_path / "one.png") is not None
+    finally:
+        plots._save = real_save
+    assert all(label.endswith("(1 seed, no interval)") for label in seen["labels"])
+    assert "1 seed per method" in seen["title"]
+    plt.close("all")
+
+
+def test_one_seed_table_claims_no_spread(tmp_path):
+    root = tmp_path / "results"
+    for m, acc in (("student-ce", 0.9), ("db3kd-bd", 0.91)):
+        rec.write_record(make_record(m, 0, acc, profile="cpu"), root)
+    lb.write_all(root)
+    md = (root / "mnist" / "cpu.md").read_text()
+    assert "1 seed per method" in md and "± " not in md.split("###")[1]
+    tex = (root / "mnist" / "cpu.tex").read_text()
+    assert "1 seed per method, no spread" in tex and "pm" not in tex
+
+
+def test_paper_column_only_in_the_paper_setting(tmp_path):
+    recs = [make_record("db3kd-bd", 0, 0.99, profile="paper")]
+    recs[0]["student_arch"] = "lenet5-half"
+    assert lb.paper_comparability(recs, "mnist", "paper") is None
+    recs[0]["student_arch"] = "lenet5-fifth"
+    assert "differ from the paper's column (lenet5-half)" in lb.paper_comparability(recs, "mnist", "paper")
+    assert "profile `cpu`" in lb.paper_comparability(recs, "mnist", "cpu")
