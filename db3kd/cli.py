@@ -1,4 +1,4 @@
-"""Command line: ``db3kd run``, ``db3kd methods``, ``db3kd leaderboard``.
+"""Command line: ``db3kd run``, ``db3kd tune``, ``db3kd methods``, ``db3kd leaderboard``.
 
 Heavy libraries (torch, torchvision, mlflow) are imported inside the commands, so ``--help``
 answers at once.
@@ -63,9 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
                      help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
+    run.add_argument("--params", default="tuned", choices=("tuned", "paper"),
+                     help="tuned (default): the values chosen on the validation split in benchmarks/tuned/"
+                     "<dataset>-<profile>.json when the method has them; paper: the papers' settings")
+    run.add_argument("--student", default=None, metavar="ARCH",
+                     help="student architecture instead of the dataset's (e.g. lenet5-1/5, alexnet-quarter)")
+    run.add_argument("--teacher-seed", type=int, default=0,
+                     help="seed of the built-in teacher, shared by every method and run seed (default: 0)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
     run.add_argument("--show-config", action="store_true", help="print the fully resolved configuration and exit")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    tune = sub.add_parser(
+        "tune", help="tune a method's hyperparameters on the validation split (Optuna TPE, resumable)",
+        description="Run or resume an Optuna study (TPE, fixed sampler seed, median pruning on the per-epoch "
+        "validation accuracy) over the method's declared search space and the student recipe; the objective is "
+        "validation accuracy (the test split is not read). The best values go to "
+        "benchmarks/tuned/<dataset>-<profile>.json, which `db3kd run` and the benchmarks use by default.")
+    tune.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    tune.add_argument("--method", required=True, help="registered method name")
+    tune.add_argument("--trials", type=int, required=True, metavar="N",
+                      help="finished trials in all (a resumed study runs only the missing ones)")
+    tune.add_argument("--profile", default="cpu", choices=PROFILE_CHOICES, help="default: cpu")
+    tune.add_argument("--seed", type=int, default=0, help="run seed of every trial (default: 0)")
+    tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna RDB storage (default: sqlite:///$DB3KD_CACHE/tuning/<dataset>-<profile>.db)")
+    tune.add_argument("--out", default=None, metavar="DIR", help="where the tuned values go (default: benchmarks/tuned)")
+    tune.add_argument("--data-root", default=None, help="dataset folder (default: $DB3KD_DATA, else ./data)")
+    tune.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    tune.add_argument("--tracking-uri", default=None, metavar="URI",
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tune.add_argument("--no-tracking", action="store_true", help="do not log the trials to MLflow")
 
     methods = sub.add_parser("methods", help="list the registered methods (name, teacher access, data, paper)")
     methods.add_argument("--json", action="store_true", help="print a JSON list of objects with keys name, access, data, paper")
@@ -89,7 +118,8 @@ def _cmd_run(args) -> int:
     from db3kd.runner import run
 
     config = resolve(args.dataset, args.method, args.profile, args.seed, method_overrides=dict(args.overrides),
-                     teacher_file=args.teacher, query_budget=args.query_budget)
+                     teacher_file=args.teacher, query_budget=args.query_budget, params=args.params,
+                     student_arch=args.student, teacher_seed=args.teacher_seed)
     if args.show_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
@@ -116,6 +146,23 @@ def _cmd_run(args) -> int:
         if record.get("artifacts"):
             where = record["workdir"] if args.run_dir else f"{record['workdir']} (temporary; --run-dir keeps runs resumable)"
             print(f"artifacts               {where}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    import torch
+
+    from db3kd.tuning import tune
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    entry = tune(args.dataset, args.method, args.trials, profile=args.profile, seed=args.seed,
+                 sampler_seed=args.sampler_seed, storage=args.storage, data_root=args.data_root, device=device,
+                 tracking_uri=args.tracking_uri, tracking=not args.no_tracking, out_dir=args.out,
+                 progress=sys.stderr.isatty())
+    print(f"best validation accuracy {entry['best_val_accuracy']:.4f} (trial {entry['best_trial']}, "
+          f"{entry['complete_trials']} complete, {entry['pruned_trials']} pruned of {entry['trials']})")
+    print(f"params {json.dumps(entry['params'], sort_keys=True)} student {json.dumps(entry['student'], sort_keys=True)}")
+    print(f"written to {entry['path']}")
     return 0
 
 
@@ -171,7 +218,8 @@ def _main(argv=None) -> int:
     from db3kd.errors import DB3KDError, QueryBudgetExceeded
 
     try:
-        return {"run": _cmd_run, "methods": _cmd_methods, "leaderboard": _cmd_leaderboard}[args.command](args)
+        return {"run": _cmd_run, "tune": _cmd_tune, "methods": _cmd_methods,
+                "leaderboard": _cmd_leaderboard}[args.command](args)
     except QueryBudgetExceeded as exc:
         print(f"db3kd: stopped cleanly after {exc.queries} teacher queries: {exc}", file=sys.stderr)
         if getattr(args, "run_dir", None):

@@ -114,7 +114,7 @@ def run(
             ) from None
         teacher_accuracy = float((pred.cpu() == splits.test_y).float().mean())
     else:
-        trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)
+        trained = get_teacher(splits, config.teacher, seed=config.teacher_seed, device=dev, progress=progress, log=log)
         teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
         teacher_checkpoint = trained.checkpoint
 
@@ -152,6 +152,7 @@ def run(
         "config_hash": config.config_hash(),
         "teacher_hash": teacher_hash,
         "teacher_checkpoint": teacher_checkpoint,
+        "teacher_seed": None if config.teacher_file else config.teacher_seed,
         "teacher_arch": "user-file" if config.teacher_file else config.teacher.arch,
         "student_arch": config.student.arch,
         "metrics": output.metrics,

@@ -23,11 +23,13 @@ class DB3KDParams(MethodParams):
     """Shared DB3KD hyperparameters (paper Sec. 4.1). tau: Eq. 1 / Eq. 7 temperature (paper 0.3);
     w_ce, w_kd: Eq. 1 weights (lambda = w_kd = 1); soft_labels: ``paper`` (Eq. 6-7) or
     ``released`` (authors' code: Eq. 6 only, T = 20); refs_per_class: S (paper 100);
-    tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk."""
+    tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk;
+    tau_squared: multiply the KL term by tau^2 (Hinton's correction; Eq. 1 as printed has none)."""
 
     tau: float = Field(default=0.3, gt=0)
     w_ce: float = Field(default=1.0, ge=0)
     w_kd: float = Field(default=1.0, ge=0)
+    tau_squared: bool = False
     soft_labels: Literal["paper", "released"] = "paper"
     refs_per_class: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-5, gt=0)
@@ -40,6 +42,8 @@ class DB3KDParams(MethodParams):
         # the AlexNet teacher answers ~500 images/s on 2 CPU cores: fewer references keep the smoke run short
         "smoke/cifar10": {"refs_per_class": 2},
     }
+    search_space: ClassVar[dict] = {"tau": ("float", 0.1, 20.0, "log"), "tau_squared": ("categorical", (False, True)),
+                                    "w_ce": ("float", 0.0, 1.0), "w_kd": ("float", 0.1, 10.0, "log")}
 
 
 def pick_references(y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -78,7 +82,7 @@ class _DB3KD(Method):
         student = ctx.new_model(seed_offset=seed_offset)
 
         def loss(logits, _xb, idx):
-            return kd_loss(logits, y[idx], targets[idx], tau, w_ce=p.w_ce, w_kd=p.w_kd)
+            return kd_loss(logits, y[idx], targets[idx], tau, w_ce=p.w_ce, w_kd=p.w_kd, tau_squared=p.tau_squared)
 
         ctx.train(student, loss, desc=desc, seed_offset=seed_offset)
         return student
