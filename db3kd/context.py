@@ -64,6 +64,7 @@ class MethodContext:
     progress: bool = False
     evaluate_milestone: Callable[[nn.Module], float] | None = None
     resumable: bool = False  # checkpoint long stages into workdir and resume from them
+    teacher_checkpoint: str | None = None  # digest of the teacher's weights (cache key of label construction)
 
     @property
     def seed(self) -> int:

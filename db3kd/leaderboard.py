@@ -178,6 +178,8 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
             row[f"p_vs_{key}"] = s.get(f"p_vs_{key}", float("nan"))
             row[f"diff_vs_{key}"] = s.get(f"diff_vs_{key}")
         row["params"] = ", ".join(_unique(_params_label(r) for r in by_method[row["method"]]))
+        row["chosen_milestones"] = _unique(int(r["metrics"]["chosen_milestone"]) for r in by_method[row["method"]]
+                                           if (r.get("metrics") or {}).get("chosen_milestone") is not None)
         row["student_arch"] = ", ".join(_unique(r.get("student_arch") or (r.get("config") or {}).get("student", {}).get("arch")
                                                 for r in by_method[row["method"]])) or "?"
     rows.sort(key=_row_order)
@@ -293,6 +295,8 @@ def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
     out = []
     for row in rows:
         name = row["method"] + (" (reference)" if row["reference_row"] else "")
+        if row.get("chosen_milestones"):
+            name += f" ({', '.join(f'{m:,}' for m in row['chosen_milestones'])} queries/pair, chosen on val)"
         configs = " ".join(
             (f"[s{seed}](configs/{h}.json)" if links else f"s{seed}: {h}") for seed, h in sorted(row["config_hashes"].items()))
         out.append([

@@ -128,6 +128,7 @@ def run(
         config=config, params=params, train_x=splits.train_x[subset], train_y=splits.train_y[subset],
         val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
         workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone, resumable=run_dir is not None,
+        teacher_checkpoint=teacher_checkpoint,
     )
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)

@@ -168,3 +168,98 @@ def test_paper_column_only_in_the_paper_setting(tmp_path):
     recs[0]["student_arch"] = "lenet5-fifth"
     assert "differ from the paper's column (lenet5-half)" in lb.paper_comparability(recs, "mnist", "paper")
     assert "profile `cpu`" in lb.paper_comparability(recs, "mnist", "cpu")
+
+
+# --- teachers: one per (dataset, profile), own seed; one-cycle schedule -----------------------------
+
+
+def test_teacher_seed_is_the_teachers_own_not_the_run_seed(monkeypatch):
+    from db3kd import config as cfgmod
+    from db3kd import runner
+
+    a, b = cfgmod.resolve("digits", "student-ce", "smoke", 0), cfgmod.resolve("digits", "student-ce", "smoke", 3)
+    assert a.teacher_seed == b.teacher_seed == 0 and a.teacher == b.teacher
+    assert cfgmod.resolve("digits", "student-ce", "smoke", 3, teacher_seed=2).teacher_seed == 2
+    with pytest.raises(Exception, match="teacher_seed"):
+        cfgmod.resolve("digits", "student-ce", "smoke", 0, teacher_seed=-1)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_get_teacher(splits, stage, *, seed, **kw):
+        seen["seed"] = seed
+        raise Stop
+
+    import db3kd.teacher
+
+    monkeypatch.setattr(db3kd.teacher, "get_teacher", fake_get_teacher)
+    with pytest.raises(Stop):
+        runner.run(b)
+    assert seen["seed"] == 0  # run seed 3, teacher seed 0
+
+
+def test_cpu_profile_teachers_and_student_data():
+    from db3kd.config import resolve
+
+    mnist, fmnist = resolve("mnist", "student-ce", "cpu"), resolve("fmnist", "student-ce", "cpu")
+    assert (mnist.teacher.schedule, mnist.teacher.epochs, mnist.teacher.batch_size) == ("onecycle", 12, 128)
+    assert fmnist.teacher.epochs == 24 and mnist.teacher.train_subset is None  # the whole 54,000-image split
+    assert mnist.student.train_subset >= 10000 and fmnist.student.train_subset >= 10000
+
+
+def test_onecycle_schedule_steps_once_per_batch(monkeypatch):
+    import torch
+
+    from db3kd.config import StageConfig, validate_model
+    from db3kd.errors import ConfigError
+    from db3kd.training import fit
+
+    with pytest.raises(ConfigError, match="onecycle"):
+        validate_model(StageConfig, {"arch": "lenet5", "epochs": 2, "batch_size": 8, "lr": 1e-3,
+                                     "schedule": "onecycle", "lr_milestones": (1,)})
+    stage = validate_model(StageConfig, {"arch": "lenet5", "epochs": 3, "batch_size": 16, "lr": 1e-2,
+                                         "schedule": "onecycle"})
+    lrs = []
+    real = torch.optim.lr_scheduler.OneCycleLR
+
+    class Spy(real):
+        def step(self, *a, **k):
+            super().step(*a, **k)
+            lrs.append(self.get_last_lr()[0])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "OneCycleLR", Spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(40, 1, 4, 4)
+    y = torch.randint(0, 3, (40,))
+    fit(model, x, lambda logits, _xb, idx: torch.nn.functional.cross_entropy(logits, y[idx]), stage.train_config(),
+        seed=0)
+    assert len(lrs) == 1 + 3 * 3  # the constructor's initial step, then 3 epochs x ceil(40 / 16) batches
+    peak = max(lrs)
+    assert peak == pytest.approx(1e-2, rel=0.05) and lrs[-1] < 0.1 * peak and lrs[0] < 0.1 * peak  # warm-up, then anneal
+
+
+# --- DB3KD: labels cached once per dataset, MBD's milestone chosen on validation ------------------------
+
+
+@pytest.mark.slow
+def test_mbd_labels_cached_across_seeds_and_milestone_chosen_on_val(tmp_path, monkeypatch):
+    """About 60 s on 2 loaded cores: digits smoke MBD with milestone students, seeds 0 and 1."""
+    from db3kd.config import resolve
+    from db3kd.data import load_dataset
+    from db3kd.runner import run
+
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path / "cache"))
+    splits = load_dataset("digits")
+    first = run(resolve("digits", "db3kd-mbd", "smoke", 0, method_overrides={"milestone_students": True}), splits=splits)
+    second = run(resolve("digits", "db3kd-mbd", "smoke", 1, method_overrides={"milestone_students": True}), splits=splits)
+    assert first["metrics"]["labels_cached"] == 0.0 and second["metrics"]["labels_cached"] == 1.0
+    assert first["metrics"]["label_seed"] == second["metrics"]["label_seed"] == 0.0
+    assert second["queries_total"] == first["queries_total"] > 0  # the cached labels' cost is still reported
+    for r in (first, second):
+        val = r["tables"]["milestone_val_accuracy"]
+        assert set(val) == {"60", "120"} and set(r["milestone_accuracy"]) == {"60", "120"}
+        chosen = int(r["metrics"]["chosen_milestone"])
+        assert val[str(chosen)] == max(val.values()) and r["metrics"]["chosen_milestone_val_accuracy"] == val[str(chosen)]
+        assert r["student_accuracy"] == pytest.approx(r["milestone_accuracy"][str(chosen)])

@@ -3,7 +3,18 @@
 Three registered methods differ only in how the robustness ``r[i, n]`` is measured:
 ``db3kd-sd`` (Eq. 2, no queries), ``db3kd-bd`` (Eq. 3) and ``db3kd-mbd`` (Eq. 4-5).
 References: ``refs_per_class`` random training images of each class (paper: 100), drawn from
-the method's training data with a generator seeded by the run seed.
+the method's training data with a generator seeded by ``label_seed`` (default 0; None = the run
+seed), which also seeds MBD's random probes. The robustness result is cached on disk
+(``$DB3KD_CACHE/labels/``) under a key of the teacher checkpoint, the label-construction
+parameters, ``label_seed`` and the training images, so the soft labels of a dataset are built once
+and shared by every student seed and tuning trial (:func:`label_cache_key`); the record's metrics
+say ``label_seed`` and whether the labels came from the cache (``labels_cached``; their queries
+are still counted, as paid by the run that built them).
+
+DB3KD-MBD's reported student is chosen on the validation split among the students of the query
+milestones (the paper reports the best *test* accuracy over 1k-20k queries; we never select on
+test): metrics ``chosen_milestone`` and ``chosen_milestone_val_accuracy``; the test accuracy of
+every milestone's student is kept for the accuracy-versus-queries curve only.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ class DB3KDParams(MethodParams):
     w_ce, w_kd: Eq. 1 weights (lambda = w_kd = 1); soft_labels: ``paper`` (Eq. 6-7) or
     ``released`` (authors' code: Eq. 6 only, T = 20); refs_per_class: S (paper 100);
     tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk;
-    tau_squared: multiply the KL term by tau^2 (Hinton's correction; Eq. 1 as printed has none)."""
+    tau_squared: multiply the KL term by tau^2 (Hinton's correction; Eq. 1 as printed has none);
+    label_seed: seed of the references and MBD's probes (0; None = the run seed): with a fixed
+    seed the labels are computed once per dataset and only the student varies with the run seed."""
 
     tau: float = Field(default=0.3, gt=0)
     w_ce: float = Field(default=1.0, ge=0)
@@ -34,6 +47,7 @@ class DB3KDParams(MethodParams):
     refs_per_class: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-5, gt=0)
     chunk_size: int = Field(default=64, ge=1)
+    label_seed: int | None = Field(default=0, ge=0)
 
     profile_overrides: ClassVar[dict] = {
         "paper/flowers102": {"refs_per_class": 20},
@@ -44,6 +58,29 @@ class DB3KDParams(MethodParams):
     }
     search_space: ClassVar[dict] = {"tau": ("float", 0.1, 20.0, "log"), "tau_squared": ("categorical", (False, True)),
                                     "w_ce": ("float", 0.0, 1.0), "w_kd": ("float", 0.1, 10.0, "log")}
+
+
+#: Parameters that shape the student only, not the robustness: left out of the label cache key.
+_STUDENT_ONLY = ("tau", "w_ce", "w_kd", "tau_squared", "soft_labels", "milestone_students")
+
+
+def label_cache_key(ctx: MethodContext, method: str, params: "DB3KDParams", label_seed: int) -> str | None:
+    """24 hex digits of SHA-256 over the teacher checkpoint, the method, its label-construction
+    parameters, ``label_seed``, torch's version and the training images and labels; None when the
+    teacher's checkpoint is unknown (nothing is cached then)."""
+    import hashlib
+    import json
+
+    if ctx.teacher_checkpoint is None:
+        return None
+    h = hashlib.sha256()
+    spec = {k: v for k, v in params.model_dump().items() if k not in _STUDENT_ONLY}
+    h.update(json.dumps({"teacher": ctx.teacher_checkpoint, "method": method, "params": spec, "label_seed": label_seed,
+                         "torch": torch.__version__, "format": 1}, sort_keys=True, default=str).encode())
+    for t in (ctx.train_x, ctx.train_y):
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
 
 
 def pick_references(y: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
@@ -91,9 +128,11 @@ class _DB3KD(Method):
         from db3kd.soft_labels import label_statistics
 
         x = ctx.train_x.float().div(255.0)
-        ref_idx = pick_references(ctx.train_y, ctx.num_classes, self.params.refs_per_class, ctx.seed)
+        label_seed = ctx.seed if self.params.label_seed is None else self.params.label_seed
+        self.label_seed = label_seed
+        ref_idx = pick_references(ctx.train_y, ctx.num_classes, self.params.refs_per_class, label_seed)
         before = getattr(ctx.teacher, "queries", 0)
-        result = self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx])
+        result, cache_path, cached = self._cached_robustness(ctx, x, ref_idx, label_seed)
         # chunks reloaded from an interrupted run were paid for there: count them once, here
         resumed = result.total_queries - (getattr(ctx.teacher, "queries", 0) - before)
         r = result.distances
@@ -103,17 +142,45 @@ class _DB3KD(Method):
             **label_statistics(targets, ctx.train_y),
             "mean_robustness": float(finite.mean()) if finite.numel() else float("nan"),
             "teacher_misclassified": float(result.misclassified.float().mean()) if result.misclassified is not None else 0.0,
+            "label_seed": float(label_seed),
+            "labels_cached": float(cached),
         }
         ctx.log(metrics, None)
         from db3kd.training import atomic_save
 
         atomic_save({"distances": r, "soft_labels": targets, "queries": result.queries}, ctx.workdir / "soft_labels.pt")
         student = self.train_student(ctx, targets)
-        output = MethodOutput(student=student, metrics=metrics, artifacts={"soft_labels": str(ctx.workdir / "soft_labels.pt")},
-                              resumed_queries=resumed)
+        artifacts = {"soft_labels": str(ctx.workdir / "soft_labels.pt")}
+        if cache_path is not None:
+            artifacts["label_cache"] = str(cache_path)
+        output = MethodOutput(student=student, metrics=metrics, artifacts=artifacts, resumed_queries=resumed)
         output.tables["class_distance"] = _class_distance_matrix(r, ctx.train_y, ctx.num_classes)
         self.after_training(ctx, result, output)
         return output
+
+    def _cached_robustness(self, ctx: MethodContext, x: torch.Tensor, ref_idx: torch.Tensor, label_seed: int):
+        """(robustness result, cache file or None, whether it was loaded from the cache)."""
+        from dataclasses import fields
+
+        from db3kd.teacher import cache_root
+
+        key = label_cache_key(ctx, self.name, self.params, label_seed)
+        if key is None:
+            return self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx]), None, False
+        from filelock import FileLock
+
+        from db3kd.training import atomic_save
+
+        path = cache_root() / "labels" / f"{self.name}-{key}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):  # parallel seeds wait for the first instead of measuring again
+            if path.exists():
+                state = torch.load(path, map_location="cpu", weights_only=False)  # our own cache file
+                return state["type"](**state["fields"]), path, True
+            result = self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx])
+            atomic_save({"type": type(result), "fields": {f.name: getattr(result, f.name) for f in fields(result)},
+                         "label_seed": label_seed}, path)
+            return result, path, False
 
     def after_training(self, ctx, result, output) -> None:
         """Hook for per-milestone students (MBD)."""
@@ -206,20 +273,42 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
         return minimal_boundary_search(
             ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes, budget=p.budget,
             num_directions=p.num_directions, xi_d=p.xi_d, delta=p.delta, tol=p.tol,
-            milestones=[m for m in p.milestones if m <= p.budget], seed=ctx.seed, estimator=p.estimator,
+            milestones=[m for m in p.milestones if m <= p.budget], seed=self.label_seed, estimator=p.estimator,
             chunk_size=p.chunk_size,
             progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
         )
 
     def after_training(self, ctx, result, output) -> None:
-        """Students trained on the distances recorded at each query milestone (paper Fig. 4)."""
+        """One student per query milestone (paper Fig. 4); the reported one is chosen on validation.
+
+        The final student (trained on the distances at the full budget) is the last milestone's:
+        milestones at or above the budget are not trained again. Among the candidates the best
+        validation accuracy wins (ties: fewer queries); its milestone is ``metrics["chosen_milestone"]``.
+        The test accuracy of each candidate goes to ``milestone_accuracy`` for the curve only.
+        """
+        from db3kd.training import evaluate
+
+        p = self.params
         output.metrics["queries_per_pair_mean"] = float(result.queries[torch.isfinite(result.distances)].float().mean())
-        if not self.params.milestone_students or result.distances_at is None or ctx.evaluate_milestone is None:
-            return
-        for k, milestone in enumerate(result.milestones):
-            targets = self.soft_labels(result.distances_at[k], ctx.train_y)
-            student = self.train_student(ctx, targets, desc=f"milestone{milestone}", seed_offset=0)
-            acc = ctx.evaluate_milestone(student)
-            output.milestone_accuracy[int(milestone)] = acc
-            ctx.log({"milestone_accuracy": acc, "milestone_mean_distance": float(
-                result.distances_at[k][torch.isfinite(result.distances_at[k])].mean())}, int(milestone))
+        val = {p.budget: evaluate(output.student, ctx.val_x, ctx.val_y, device=ctx.device)}
+        students = {p.budget: output.student}
+        if p.milestone_students and result.distances_at is not None and ctx.evaluate_milestone is not None:
+            for k, milestone in enumerate(result.milestones):
+                milestone = int(milestone)
+                if milestone >= p.budget:  # the final student already is this milestone's
+                    continue
+                targets = self.soft_labels(result.distances_at[k], ctx.train_y)
+                student = self.train_student(ctx, targets, desc=f"milestone{milestone}", seed_offset=0)
+                students[milestone] = student
+                val[milestone] = evaluate(student, ctx.val_x, ctx.val_y, device=ctx.device)
+                acc = ctx.evaluate_milestone(student)
+                output.milestone_accuracy[milestone] = acc
+                ctx.log({"milestone_accuracy": acc, "milestone_val_accuracy": val[milestone],
+                         "milestone_mean_distance": float(
+                             result.distances_at[k][torch.isfinite(result.distances_at[k])].mean())}, milestone)
+            output.milestone_accuracy[p.budget] = ctx.evaluate_milestone(output.student)
+        chosen = max(val, key=lambda m: (val[m], -m))
+        output.student = students[chosen]
+        output.metrics["chosen_milestone"] = float(chosen)
+        output.metrics["chosen_milestone_val_accuracy"] = float(val[chosen])
+        output.tables["milestone_val_accuracy"] = {str(m): v for m, v in sorted(val.items())}
