@@ -197,13 +197,13 @@ def _group_index(value: str, levels: tuple[str, ...]) -> int:
 
 
 def _row_order(row: dict):
-    """Teacher access (none, labels, scores, white box), then data (full, few-shot, none); within a
-    group reference rows first, then by mean accuracy, best first."""
+    """Reference rows (teacher, cross-entropy students) first, then teacher access (none, labels,
+    scores, white box), then data (full, few-shot, none); within a group by mean accuracy, best first."""
     from db3kd.registry import ACCESS_LEVELS, DATA_LEVELS
 
-    return (_group_index(row["teacher_access"], ACCESS_LEVELS), _group_index(row["data"], DATA_LEVELS),
-            not row["reference_row"], -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0),
-            row["method"])
+    group = (-1, -1) if row["reference_row"] else (_group_index(row["teacher_access"], ACCESS_LEVELS),
+                                                   _group_index(row["data"], DATA_LEVELS))
+    return (*group, -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0), row["method"])
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -336,14 +336,19 @@ def _group_tables(rows: list[dict], cells: list[list[str]], keep: list[str]) -> 
     """Markdown: one table per (teacher access, data) group, under a heading naming the group."""
     from tabulate import tabulate
 
-    cols = [c for c in keep if c not in ("teacher access", "data")]
     lines: list[str] = []
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[tuple[str, str] | None, list[int]] = {}
     for i, row in enumerate(rows):  # rows are already in group order
-        groups.setdefault((row["teacher_access"], row["data"]), []).append(i)
-    for (access, data), members in groups.items():
-        lines += [f"### {_GROUP_NAMES.get(access, access)} · {_DATA_NAMES.get(data, data)} "
-                  f"(teacher access `{access}`, data `{data}`)", ""]
+        groups.setdefault(None if row["reference_row"] else (row["teacher_access"], row["data"]), []).append(i)
+    for group, members in groups.items():
+        if group is None:  # the reference rows keep their access and data columns
+            cols = keep
+            lines += ["### reference rows (the teacher and cross-entropy students)", ""]
+        else:
+            access, data = group
+            cols = [c for c in keep if c not in ("teacher access", "data")]
+            lines += [f"### {_GROUP_NAMES.get(access, access)} · {_DATA_NAMES.get(data, data)} "
+                      f"(teacher access `{access}`, data `{data}`)", ""]
         lines.append(tabulate(_select([cells[i] for i in members], cols), headers=cols, tablefmt="github",
                               disable_numparse=True))
         lines.append("")

@@ -60,10 +60,17 @@ def _md_rows(md: str) -> list[list[str]]:
 
 
 def _md_table(md: str) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the first markdown table."""
-    lines = [line for line in md.splitlines() if line.startswith("|")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    return cells[0], cells[2:]
+    """(header of the last table, rows of every markdown table in order, as dicts would be ambiguous)."""
+    header, rows, lines = None, [], md.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not lines[i - 1].startswith("|"):
+            header = cells
+        elif not set(lines[i].replace("|", "").strip()) <= {"-", ":"}:
+            rows.append(dict(zip(header, cells)))
+    return header, rows
 
 
 def test_record_layout_and_json_safety(tmp_path):
@@ -86,17 +93,17 @@ def test_tables_order_mean_std_paper_and_configs(results):
         assert out / name in written and (out / name).is_file(), name
     md = (out / "smoke.md").read_text()
     header, rows = _md_table(md)
-    col = {name: i for i, name in enumerate(header)}
-    assert [r[0] for r in rows] == ["teacher-row (reference)", "best-method", "db3kd-mbd", "weak"]
-    by_method = {r[0].split()[0]: r for r in rows}
-    acc = col["student acc. %"]
+    col = set(header)
+    assert [r["method"] for r in rows] == ["teacher-row (reference)", "best-method", "db3kd-mbd", "weak"]
+    by_method = {r["method"].split()[0]: r for r in rows}
+    acc = "student acc. %"
     half = 4.302652729749464 * 2.0 / math.sqrt(3)  # t_{0.975, 2} * std / sqrt(n), in points
     assert by_method["db3kd-mbd"][acc] == f"82.00 ± 2.00 [{82 - half:.2f}, {82 + half:.2f}] (n=3)"
     assert by_method["best-method"][acc].startswith("91.00 ± 1.41 [")
     assert by_method["weak"][acc] == "50.00 (1 seed)"
     # smoke is not the paper's setting: no paper column, a note saying why
     assert "paper %" not in col and "**paper %:** not shown: profile `smoke`" in md
-    assert by_method["db3kd-mbd"][col["teacher queries / sample"]] == "901.0"  # mean queries per sample
+    assert by_method["db3kd-mbd"]["teacher queries / sample"] == "901.0"  # mean queries per sample
     # constant columns move into the header: every record is labels / full / final
     assert "accuracy kind" not in col and "teacher access" not in col
     assert "**Same for every row:**" in md and "accuracy kind: final" in md
@@ -105,7 +112,7 @@ def test_tables_order_mean_std_paper_and_configs(results):
     assert "pytest benchmarks -m mnist --profile smoke" in md
     assert "**Profile:** `smoke`" in md and "**Seeds:** 0, 1, 2" in md and "Linux x86_64, 2 CPUs" in md
     # every config link points to a committed config file with the exact config
-    links = [c for r in rows for c in r[col["config"]].split()]
+    links = [c for r in rows for c in r["config"].split()]
     assert len(links) == 7
     for link in links:
         target = link[link.index("(") + 1 : -1]

@@ -82,17 +82,20 @@ def test_tables_are_grouped_marked_and_say_what_they_test(board):
     md = (board / "cpu.md").read_text()
     tables = _tables(md)
     headings = list(tables)
-    assert headings == ["no teacher · full training data (teacher access `none`, data `full`)",
+    assert headings == ["reference rows (the teacher and cross-entropy students)",
+                        "no teacher · full training data (teacher access `none`, data `full`)",
                         "teacher labels (top-1) · full training data (teacher access `labels`, data `full`)",
                         "teacher labels (top-1) · no data (teacher access `labels`, data `none`)"]
-    header, rows = tables[headings[0]]
-    assert [r[0] for r in rows] == ["student-ce (reference)", "db3kd-sd", "label-smoothing", "noise-logits"]
+    header, ref = tables[headings[0]]
+    assert [r[0] for r in ref] == ["student-ce (reference)"] and "teacher access" in header
+    assert ref[0][header.index("p vs student-ce")] == "control"
+    header, rows = tables[headings[1]]
+    assert [r[0] for r in rows] == ["db3kd-sd", "label-smoothing", "noise-logits"]
     col = {c: i for i, c in enumerate(header)}
-    sd = rows[1]
+    sd = rows[0]
     assert sd[col["p vs student-ce"]].endswith(" *")  # db3kd-sd: +6 points on every seed
     assert sd[col["Δ vs student-ce (points, paired 95% CI)"]].startswith("+6.02 [")
-    assert rows[0][col["p vs student-ce"]] == "control"
-    z = tables[headings[2]][1][0]
+    z = tables[headings[3]][1][0]
     assert z[col["student acc. %"]] == "70.00 (1 seed)"
     assert z[col["Δ vs student-ce (points, paired 95% CI)"]] == "-18.00 (1 seed, no interval)"
     # constants in the header, not in the columns

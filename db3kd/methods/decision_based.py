@@ -233,7 +233,11 @@ class DB3KDBoundaryDistance(_DB3KD):
 class MBDParams(DB3KDParams):
     """DB3KD-MBD adds: budget (queries per (sample, target) pair, BD included; paper 1k-20k, best
     reported), num_directions (Q, paper 200), xi_d (initial step, fraction of the distance; paper
-    0.2), delta (probe radius, fraction of the distance), milestones (query counts at which
+    0.2), delta (probe radius as a fraction of the current distance r: 0.01, i.e. 0.01 r; the
+paper gives no value; the authors' code (REFERENCE.md section 4) adds a vector of norm
+eps_g = 0.001 to the unit search direction, about 0.001 r, and divides it by 10 on step-size
+resets; our 0.01 is ten times that, kept from the first engine and not re-measured against 0.001
+here -- ``--set delta=0.001`` runs the authors' radius), milestones (query counts at which
     distances are recorded), milestone_students (train one student per milestone for the
     accuracy-versus-queries curve, paper Fig. 4), estimator (the sign-gradient estimator of
     Eq. 4: ``tangent`` (Sign-OPT's probes with HopSkipJump's baseline), plain ``sign-opt``, or
