@@ -128,9 +128,10 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # LeNet-5 teachers at the paper's level (99.33 / 91.63): Adam with a one-cycle schedule, batch 128 on the
         # 54,000-image split, 12 epochs MNIST, 24 Fashion-MNIST (issue 18: measured 99.45% and 92.10%).
         # Students train on 10,000 images, the same for every method and seed (runner.select_subset, seed 0).
-        "*": {"teacher": dict(epochs=12, batch_size=128, lr=5e-3, schedule="onecycle"),
+        "*": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
               "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=10000), "oracle_batch": 256},
-        "fmnist": {"teacher": dict(epochs=24)},
+        "mnist": {"teacher": dict(epochs=12, batch_size=128, lr=5e-3, schedule="onecycle")},
+        "fmnist": {"teacher": dict(epochs=24, batch_size=128, lr=5e-3, schedule="onecycle")},
         "digits": {"teacher": dict(epochs=30, batch_size=64, lr=1e-3),
                    "student": dict(epochs=40, batch_size=64, lr=5e-3, train_subset=None)},
         "cifar10": {"teacher": dict(epochs=5, batch_size=128, lr=1e-3, train_subset=10000),

@@ -266,3 +266,18 @@ def test_mbd_labels_cached_across_seeds_and_milestone_chosen_on_val(tmp_path, mo
         chosen = int(r["metrics"]["chosen_milestone"])
         assert val[str(chosen)] == max(val.values()) and r["metrics"]["chosen_milestone_val_accuracy"] == val[str(chosen)]
         assert r["student_accuracy"] == pytest.approx(r["milestone_accuracy"][str(chosen)])
+
+
+def test_teacher_ce_row_is_the_shared_teacher(tmp_path):
+    """teacher-ce scores the very teacher every method distils from (one teacher per dataset and profile)."""
+    from test_baselines import _tiny_config
+
+    from db3kd.runner import run
+    from tests.conftest import fake_splits
+
+    splits = fake_splits(n_val=10)
+    row = run(_tiny_config("teacher-ce"), splits=splits, run_dir=tmp_path)
+    other = run(_tiny_config("student-ce").with_seed(2), splits=splits, run_dir=tmp_path)
+    assert row["student_accuracy"] == row["teacher_accuracy"] and row["teacher_access"] == "white_box"
+    assert row["teacher_checkpoint"] == other["teacher_checkpoint"] and other["teacher_seed"] == 0
+    assert 0.0 <= row["metrics"]["val_accuracy"] <= 1.0 and row["queries_total"] == 0
