@@ -53,7 +53,8 @@ class StageConfig(BaseModel):
     epochs >= 1; batch_size >= 1; lr > 0 (with ``schedule="onecycle"`` the peak lr); optimizer adam|sgd;
     lr_milestones: epochs where lr *= lr_gamma; schedule: ``none`` (constant lr, or the milestones) or
     ``onecycle`` (torch.optim.lr_scheduler.OneCycleLR stepped per batch, peak ``lr``; no milestones);
-    augment none|crop|crop_flip; train_subset: use only this many training images (None = all).
+    augment none|crop|crop_flip; train_subset: use only this many training images (None = all);
+    pretrained: torchvision weights to start from (e.g. ``IMAGENET1K_V1``; :mod:`db3kd.pretrained`), None = scratch.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,6 +70,7 @@ class StageConfig(BaseModel):
     augment: Literal["none", "crop", "crop_flip"] = "none"
     train_subset: int | None = Field(default=None, ge=1)
     schedule: Literal["none", "onecycle"] = "none"
+    pretrained: str | None = None
 
     @model_validator(mode="after")
     def _one_schedule(self):
@@ -122,7 +124,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "cifar10": {"teacher": _ALEXNET_TEACHER_PAPER},
         "cifar100": {"teacher": _RESNET_PAPER, "student": _RESNET_PAPER},
         # Sec. 4.1: the Flowers102 student trains with Adam at 5e-3 for 200 epochs (like the other students)
-        "flowers102": {"teacher": _RESNET_PAPER, "student": dict(epochs=200, batch_size=32, lr=5e-3, optimizer="adam")},
+        # and both teacher (ResNet-34) and student (ResNet-18) start from ImageNet weights
+        "flowers102": {"teacher": dict(_RESNET_PAPER, pretrained="IMAGENET1K_V1"),
+                       "student": dict(epochs=200, batch_size=32, lr=5e-3, optimizer="adam", pretrained="IMAGENET1K_V1")},
     },
     "cpu": {
         # LeNet-5 teachers at the paper's level (99.33 / 91.63): Adam with a one-cycle schedule, batch 128 on the

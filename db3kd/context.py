@@ -81,7 +81,13 @@ class MethodContext:
 
         seed_everything(self.seed * 1000 + seed_offset)
         c, h, _ = self.image_shape
-        return get_model(arch or self.config.student.arch, num_classes=self.num_classes, in_channels=c, image_size=h)
+        name = arch or self.config.student.arch
+        model = get_model(name, num_classes=self.num_classes, in_channels=c, image_size=h)
+        if self.config.student.pretrained and name == self.config.student.arch:  # e.g. ImageNet ResNet-18 (Flowers102)
+            from db3kd.pretrained import load_pretrained
+
+            load_pretrained(model, name, self.config.student.pretrained)
+        return model
 
     def train(
         self,

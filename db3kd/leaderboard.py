@@ -479,6 +479,12 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
                      "(`paper_accuracy_pct`) and REFERENCE.md.")
     if constant:
         lines.append("- **Same for every row:** " + "; ".join(f"{k}: {v}" for k, v in constant.items()))
+    pretrained = _unique(f"{stage} {(r.get('config') or {}).get(stage, {}).get('arch')} from {w}"
+                         for r in records for stage in ("teacher", "student")
+                         if (w := ((r.get("config") or {}).get(stage) or {}).get("pretrained")))
+    if pretrained:
+        lines.append("- **Pretrained:** " + "; ".join(pretrained) + " (torchvision weights): these are NOT "
+                     "from-scratch results")
     lines.append("")
     lines += _group_tables(rows, cells, keep)
     lines += _orderings_lines(records)

@@ -96,6 +96,10 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
     with FileLock(str(path) + ".lock"):
         seed_everything(seed)
         model = get_model(stage.arch, num_classes=splits.num_classes, in_channels=c, image_size=h)
+        if getattr(stage, "pretrained", None) and not path.exists():
+            from db3kd.pretrained import load_pretrained
+
+            load_pretrained(model, stage.arch, stage.pretrained)
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt["state_dict"])

@@ -281,3 +281,45 @@ def test_teacher_ce_row_is_the_shared_teacher(tmp_path):
     assert row["student_accuracy"] == row["teacher_accuracy"] and row["teacher_access"] == "white_box"
     assert row["teacher_checkpoint"] == other["teacher_checkpoint"] and other["teacher_seed"] == 0
     assert 0.0 <= row["metrics"]["val_accuracy"] <= 1.0 and row["queries_total"] == 0
+
+
+# --- Flowers102: ImageNet-pretrained starting points ------------------------------------------------
+
+
+def test_pretrained_weights_from_a_file_a_test_writes(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    from db3kd.config import resolve
+    from db3kd.errors import DB3KDError
+    from db3kd.models import get_model
+    from db3kd.pretrained import load_pretrained, weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = weights_file("resnet18", "IMAGENET1K_V1")
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    model = get_model("resnet18", num_classes=102, in_channels=3, image_size=224)
+    with pytest.raises(DB3KDError, match="not found: .*resnet18-f37072fd.pth"):
+        load_pretrained(model, "resnet18", "IMAGENET1K_V1", download=False)
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(DB3KDError, match="not downloadable.*copy https://download.pytorch.org/models/resnet18"):
+        load_pretrained(model, "resnet18", "IMAGENET1K_V1")
+    torch.manual_seed(5)
+    imagenet = torchvision.models.resnet18(weights=None)  # stands in for the ImageNet file: 1000 classes
+    path.parent.mkdir(parents=True)
+    torch.save(imagenet.state_dict(), path)
+    fc_before = model.fc.weight.clone()
+    info = load_pretrained(model, "resnet18", "IMAGENET1K_V1")
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight) and torch.equal(model.layer4[1].bn2.bias,
+                                                                                 imagenet.layer4[1].bn2.bias)
+    assert torch.equal(model.fc.weight, fc_before) and "fc.weight" in info["kept"]  # 102 classes, not 1000
+    assert info["file"] == str(path) and len(info["sha256"]) == 16
+    # the paper profile asks for it on Flowers102 (Sec. 4.1: Adam 5e-3, 200 epochs, ImageNet starts)
+    cfg = resolve("flowers102", "student-ce", "paper")
+    assert cfg.teacher.pretrained == cfg.student.pretrained == "IMAGENET1K_V1"
+    assert (cfg.student.optimizer, cfg.student.lr, cfg.student.epochs) == ("adam", 5e-3, 200)
+    assert resolve("flowers102", "student-ce", "cpu").student.pretrained is None
