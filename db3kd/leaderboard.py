@@ -257,7 +257,9 @@ def _diff_cell(diff: dict | None, p: float, control: str, method: str) -> str:
     if diff["n_pairs"] == 1:
         return f"{_signed(diff['mean_diff'])} (1 seed, no interval)"
     cell = f"{_signed(diff['mean_diff'])} [{_signed(diff['ci95_low'])}, {_signed(diff['ci95_high'])}]"
-    return cell + (" *" if p is not None and math.isfinite(p) and p < 0.05 else "")
+    from db3kd.stats import ALPHA
+
+    return cell + (" *" if p is not None and math.isfinite(p) and p < ALPHA else "")
 
 
 def _acc_ci_cell(row: dict) -> str:
@@ -478,7 +480,9 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
         lines.append(f"- **paper %:** not shown: {why_not}. The papers' numbers are in `{profile}.csv` "
                      "(`paper_accuracy_pct`) and REFERENCE.md.")
     if constant:
-        lines.append("- **Same for every row:** " + "; ".join(f"{k}: {v}" for k, v in constant.items()))
+        lines.append("- **Same for every row:** " + "; ".join(
+            f"{k}: {v}" + (" (not measured: no record, or too few shared seeds)" if v == "–" else "")
+            for k, v in constant.items()))
     pretrained = _unique(f"{stage} {(r.get('config') or {}).get(stage, {}).get('arch')} from {w}"
                          for r in records for stage in ("teacher", "student")
                          if (w := ((r.get("config") or {}).get(stage) or {}).get("pretrained")))
