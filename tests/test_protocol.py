@@ -323,3 +323,13 @@ def test_pretrained_weights_from_a_file_a_test_writes(tmp_path, monkeypatch):
     assert cfg.teacher.pretrained == cfg.student.pretrained == "IMAGENET1K_V1"
     assert (cfg.student.optimizer, cfg.student.lr, cfg.student.epochs) == ("adam", 5e-3, 200)
     assert resolve("flowers102", "student-ce", "cpu").student.pretrained is None
+
+
+def test_student_architecture_is_selectable():
+    from db3kd.config import resolve
+    from db3kd.errors import ConfigError
+
+    assert resolve("mnist", "db3kd-bd", "cpu", student_arch="lenet5-1/5").student.arch == "lenet5-fifth"
+    assert resolve("cifar10", "db3kd-bd", "cpu", student_arch="alexnet-quarter").student.arch == "alexnet-quarter"
+    with pytest.raises(ConfigError, match="unknown student architecture 'lenet7'"):
+        resolve("mnist", "db3kd-bd", "cpu", student_arch="lenet7")
