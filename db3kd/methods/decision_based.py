@@ -64,10 +64,25 @@ class DB3KDParams(MethodParams):
 _STUDENT_ONLY = ("tau", "w_ce", "w_kd", "tau_squared", "soft_labels", "milestone_students")
 
 
+def _engine_source_digest() -> str:
+    """SHA-256 prefix of the query engine's source (db3kd/robustness.py, db3kd/oracle.py, db3kd/search/):
+    a changed engine never reuses labels cached by an older one."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "robustness.py", root / "oracle.py", *sorted((root / "search").glob("*.py"))]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def label_cache_key(ctx: MethodContext, method: str, params: "DB3KDParams", label_seed: int) -> str | None:
     """24 hex digits of SHA-256 over the teacher checkpoint, the method, its label-construction
-    parameters, ``label_seed``, torch's version and the training images and labels; None when the
-    teacher's checkpoint is unknown (nothing is cached then)."""
+    parameters, ``label_seed``, torch's version, the engine's source and the training images and
+    labels; None when the teacher's checkpoint is unknown (nothing is cached then)."""
     import hashlib
     import json
 
@@ -76,7 +91,8 @@ def label_cache_key(ctx: MethodContext, method: str, params: "DB3KDParams", labe
     h = hashlib.sha256()
     spec = {k: v for k, v in params.model_dump().items() if k not in _STUDENT_ONLY}
     h.update(json.dumps({"teacher": ctx.teacher_checkpoint, "method": method, "params": spec, "label_seed": label_seed,
-                         "torch": torch.__version__, "format": 1}, sort_keys=True, default=str).encode())
+                         "torch": torch.__version__, "engine": _engine_source_digest(), "format": 1},
+                        sort_keys=True, default=str).encode())
     for t in (ctx.train_x, ctx.train_y):
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
