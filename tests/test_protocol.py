@@ -333,3 +333,24 @@ def test_student_architecture_is_selectable():
     assert resolve("cifar10", "db3kd-bd", "cpu", student_arch="alexnet-quarter").student.arch == "alexnet-quarter"
     with pytest.raises(ConfigError, match="unknown student architecture 'lenet7'"):
         resolve("mnist", "db3kd-bd", "cpu", student_arch="lenet7")
+
+
+def test_label_cache_key_follows_what_shapes_the_labels_only():
+    from types import SimpleNamespace
+
+    import torch
+
+    from db3kd.methods.decision_based import MBDParams, label_cache_key
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    y = torch.tensor([0, 1])
+    ctx = SimpleNamespace(teacher_checkpoint="abc", train_x=x, train_y=y)
+    p = MBDParams()
+    key = label_cache_key(ctx, "db3kd-mbd", p, 0)
+    assert key == label_cache_key(ctx, "db3kd-mbd", MBDParams(tau=4.0, w_kd=2.0, tau_squared=True), 0)  # student-only
+    assert key != label_cache_key(ctx, "db3kd-mbd", MBDParams(budget=300), 0)
+    assert key != label_cache_key(ctx, "db3kd-mbd", p, 1)  # the label seed
+    assert key != label_cache_key(ctx, "db3kd-bd", p, 0)
+    assert key != label_cache_key(SimpleNamespace(teacher_checkpoint="abd", train_x=x, train_y=y), "db3kd-mbd", p, 0)
+    assert key != label_cache_key(SimpleNamespace(teacher_checkpoint="abc", train_x=x, train_y=1 - y), "db3kd-mbd", p, 0)
+    assert label_cache_key(SimpleNamespace(teacher_checkpoint=None, train_x=x, train_y=y), "db3kd-mbd", p, 0) is None
