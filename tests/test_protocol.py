@@ -354,3 +354,38 @@ def test_label_cache_key_follows_what_shapes_the_labels_only():
     assert key != label_cache_key(SimpleNamespace(teacher_checkpoint="abd", train_x=x, train_y=y), "db3kd-mbd", p, 0)
     assert key != label_cache_key(SimpleNamespace(teacher_checkpoint="abc", train_x=x, train_y=1 - y), "db3kd-mbd", p, 0)
     assert label_cache_key(SimpleNamespace(teacher_checkpoint=None, train_x=x, train_y=y), "db3kd-mbd", p, 0) is None
+
+
+def test_label_cache_reuses_once_and_stays_out_of_query_budget_runs(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from db3kd.methods.decision_based import DB3KDBoundaryDistance, DB3KDParams
+    from db3kd.robustness import RobustnessResult
+
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(ctx, x, refs, ref_labels):
+        calls.append(1)
+        return RobustnessResult(distances=torch.full((2, 2), 0.5), queries=torch.full((2, 2), 7, dtype=torch.int64))
+
+    x = torch.arange(2 * 16, dtype=torch.uint8).view(2, 1, 4, 4)
+    y = torch.tensor([0, 1])
+    ctx = SimpleNamespace(teacher_checkpoint="abc", train_x=x, train_y=y, config=SimpleNamespace(query_budget=None))
+    method = DB3KDBoundaryDistance(DB3KDParams())
+    monkeypatch.setattr(method, "robustness", measure)
+    ref_idx = torch.tensor([0, 1])
+    first, path, cached = method._cached_robustness(ctx, x.float(), ref_idx, 0)
+    assert not cached and path.is_file() and len(calls) == 1
+    again, _, cached = method._cached_robustness(ctx, x.float(), ref_idx, 0)
+    assert cached and len(calls) == 1 and torch.equal(again.distances, first.distances)
+    assert again.total_queries == first.total_queries == 28
+    ctx.config.query_budget = 10  # a budget run spends its own queries
+    _, path, cached = method._cached_robustness(ctx, x.float(), ref_idx, 0)
+    assert not cached and path is None and len(calls) == 2
+    ctx.config.query_budget = None
+    off = DB3KDBoundaryDistance(DB3KDParams(label_cache=False))
+    monkeypatch.setattr(off, "robustness", measure)
+    assert off._cached_robustness(ctx, x.float(), ref_idx, 0)[1:] == (None, False) and len(calls) == 3

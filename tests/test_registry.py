@@ -90,7 +90,8 @@ def test_methods_json(capsys):
     assert all(set(row) == {"name", "access", "data", "paper"} for row in table)
     access = {row["name"]: row["access"] for row in table}
     assert access["standard-kd"] == "scores" and access["hard-label-kd"] == "labels"
-    assert all(access[n] == "none" for n in BASELINES if n not in ("standard-kd", "hard-label-kd"))
+    assert access["teacher-ce"] == "white_box"  # the row is the shared teacher itself
+    assert all(access[n] == "none" for n in BASELINES if n not in ("standard-kd", "hard-label-kd", "teacher-ce"))
 
 
 # ------------------------------------------------------------------------------------------- access enforcement

@@ -37,7 +37,9 @@ class DB3KDParams(MethodParams):
     tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk;
     tau_squared: multiply the KL term by tau^2 (Hinton's correction; Eq. 1 as printed has none);
     label_seed: seed of the references and MBD's probes (0; None = the run seed): with a fixed
-    seed the labels are computed once per dataset and only the student varies with the run seed."""
+    seed the labels are computed once per dataset and only the student varies with the run seed;
+    label_cache: reuse and keep the robustness result in ``$DB3KD_CACHE/labels`` (True; never used
+    when the run has a query budget, whose point is to spend queries; False always measures)."""
 
     tau: float = Field(default=0.3, gt=0)
     w_ce: float = Field(default=1.0, ge=0)
@@ -48,6 +50,7 @@ class DB3KDParams(MethodParams):
     tol: float = Field(default=1e-5, gt=0)
     chunk_size: int = Field(default=64, ge=1)
     label_seed: int | None = Field(default=0, ge=0)
+    label_cache: bool = True
 
     profile_overrides: ClassVar[dict] = {
         "paper/flowers102": {"refs_per_class": 20},
@@ -61,7 +64,7 @@ class DB3KDParams(MethodParams):
 
 
 #: Parameters that shape the student only, not the robustness: left out of the label cache key.
-_STUDENT_ONLY = ("tau", "w_ce", "w_kd", "tau_squared", "soft_labels", "milestone_students")
+_STUDENT_ONLY = ("tau", "w_ce", "w_kd", "tau_squared", "soft_labels", "milestone_students", "label_cache")
 
 
 def _engine_source_digest() -> str:
@@ -180,7 +183,8 @@ class _DB3KD(Method):
 
         from db3kd.teacher import cache_root
 
-        key = label_cache_key(ctx, self.name, self.params, label_seed)
+        use = self.params.label_cache and getattr(ctx.config, "query_budget", None) is None
+        key = label_cache_key(ctx, self.name, self.params, label_seed) if use else None
         if key is None:
             return self.robustness(ctx, x, x[ref_idx], ctx.train_y[ref_idx]), None, False
         from filelock import FileLock
