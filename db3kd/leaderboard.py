@@ -8,7 +8,8 @@ Tables, per (dataset, profile), written by :func:`write_group` / :func:`write_al
     results/<dataset>/configs/<config_hash>.json   (the exact resolved config of every cell)
     results/<dataset>/<profile>-accuracy-vs-queries.png, <profile>-mbd-heatmap.png  (db3kd.plots)
 
-One row per method, grouped by teacher access (none, labels, scores, white box) and data (full,
+One row per (method, variant) (a variant other than ``default`` is keyed ``method@variant``; the
+``variant`` column says what it changes from the default, ``tau05: tau=0.5``), grouped by teacher access (none, labels, scores, white box) and data (full,
 few-shot, none), one markdown table per group; within a group reference rows (``reference_row=True``,
 e.g. teacher / student cross-entropy) first, then by mean student accuracy, best first. Accuracies
 are percentages of the test split; ``accuracy kind`` says which student is scored (``final``: the
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from db3kd.records import group_records, json_safe, load_records, write_json_atomic
+from db3kd.records import group_records, json_safe, load_records, record_variant, variant_label, write_json_atomic
 
 __all__ = [
     "TOLERANCE_FLOOR",
@@ -134,11 +135,12 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
     teacher_checkpoints (digests of the teacher's weights),
     config_hashes ({seed: hash}), configs ({hash: config dict}), data_source.
     """
-    by_method: dict[str, list[dict]] = {}
+    records = list(records)
+    by_key: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        by_method.setdefault(r["method"], []).append(r)
+        by_key.setdefault((r["method"], record_variant(r)), []).append(r)
     rows = []
-    for method, rs in by_method.items():
+    for (method, variant), rs in by_key.items():
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         accs = [float(r["student_accuracy"]) for r in rs if r.get("student_accuracy") is not None]
         teach = [float(r["teacher_accuracy"]) for r in rs if r.get("teacher_accuracy") is not None]
@@ -149,6 +151,9 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         t_mean, t_std = _mean_std(teach)
         rows.append({
             "method": method,
+            "variant": variant,
+            "label": variant_label(method, variant),
+            "config_diff": next((r["config_diff"] for r in rs if r.get("config_diff")), {}),
             "reference_row": ref,
             "teacher_access": ", ".join(_unique(r.get("teacher_access") for r in rs)) or "?",
             "data": ", ".join(_unique(r.get("data") for r in rs)) or "?",
@@ -169,19 +174,24 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         })
     from db3kd import stats
 
-    compared = stats.compare_methods(stats.per_seed(records))
+    acc: dict[str, dict[int, float]] = {}
+    for r in records:  # pairs share a seed; a variant is its own "method" (its label), the controls are default
+        if r.get("student_accuracy") is not None and math.isfinite(float(r["student_accuracy"])):
+            acc.setdefault(variant_label(r["method"], record_variant(r)), {})[int(r["seed"])] = float(r["student_accuracy"])
+    compared = stats.compare_methods(acc)
     for row in rows:
-        s = compared.get(row["method"], {})
+        s = compared.get(row["label"], {})
+        rs_row = by_key[(row["method"], row["variant"])]
         row["ci95_low"], row["ci95_high"] = s.get("ci95_low", float("nan")), s.get("ci95_high", float("nan"))
         for control in stats.CONTROLS:
             key = control.replace("-", "_")
             row[f"p_vs_{key}"] = s.get(f"p_vs_{key}", float("nan"))
             row[f"diff_vs_{key}"] = s.get(f"diff_vs_{key}")
-        row["params"] = ", ".join(_unique(_params_label(r) for r in by_method[row["method"]]))
-        row["chosen_milestones"] = _unique(int(r["metrics"]["chosen_milestone"]) for r in by_method[row["method"]]
+        row["params"] = ", ".join(_unique(_params_label(r) for r in rs_row))
+        row["chosen_milestones"] = _unique(int(r["metrics"]["chosen_milestone"]) for r in rs_row
                                            if (r.get("metrics") or {}).get("chosen_milestone") is not None)
         row["student_arch"] = ", ".join(_unique(r.get("student_arch") or (r.get("config") or {}).get("student", {}).get("arch")
-                                                for r in by_method[row["method"]])) or "?"
+                                                for r in rs_row)) or "?"
     rows.sort(key=_row_order)
     return rows
 
@@ -203,7 +213,18 @@ def _row_order(row: dict):
 
     group = (-1, -1) if row["reference_row"] else (_group_index(row["teacher_access"], ACCESS_LEVELS),
                                                    _group_index(row["data"], DATA_LEVELS))
-    return (*group, -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0), row["method"])
+    return (*group, -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0), row["method"],
+            row["variant"] != "default", row["variant"])
+
+
+def variant_cell(row: dict) -> str:
+    """``default``, or ``<variant>: <what differs>`` (``tau05: tau=0.5, student.epochs=5``)."""
+    from db3kd.config import describe_diff
+
+    diff = describe_diff(row.get("config_diff") or {})
+    if row["variant"] == "default":
+        return "default"
+    return f"{row['variant']}: {diff}" if diff else f"{row['variant']}: (the default configuration)"
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -226,7 +247,7 @@ def _num(v: float | None, fmt: str) -> str:
 
 _ACC = "student acc. %"
 _DIFF = "Δ vs student-ce (points, paired 95% CI)"
-_COLUMNS = ["method", "teacher access", "data", _ACC, _DIFF, "p vs student-ce", "p vs label-smoothing", "paper %",
+_COLUMNS = ["method", "variant", "teacher access", "data", _ACC, _DIFF, "p vs student-ce", "p vs label-smoothing", "paper %",
             "teacher queries / sample", "wall time (s)", "accuracy kind", "teacher acc. %", "teacher checkpoint",
             "student", "params", "config"]
 #: Never moved into the header, even when every row agrees.
@@ -302,7 +323,7 @@ def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
         configs = " ".join(
             (f"[s{seed}](configs/{h}.json)" if links else f"s{seed}: {h}") for seed, h in sorted(row["config_hashes"].items()))
         out.append([
-            name, row["teacher_access"], row["data"], _acc_ci_cell(row),
+            name, variant_cell(row), row["teacher_access"], row["data"], _acc_ci_cell(row),
             _diff_cell(row.get("diff_vs_student_ce"), row.get("p_vs_student_ce"), "student-ce", row["method"]),
             "control" if row["method"] == "student-ce" else _p_cell(row.get("p_vs_student_ce")),
             "control" if row["method"] == "label-smoothing" else _p_cell(row.get("p_vs_label_smoothing")),
@@ -361,7 +382,7 @@ def _orderings_lines(records: list[dict]) -> list[str]:
     """The paper's Table 1 orderings checked on these records (one line per claim)."""
     from db3kd import stats
 
-    acc = stats.per_seed(records)
+    acc = stats.per_seed(r for r in records if record_variant(r) == "default")
     claims = stats.paper_orderings(acc)
     if not any(o.a in acc or o.b in acc for o in claims):
         return []
@@ -498,7 +519,8 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
         for p in plot_files:
             lines.append(f"![{p.stem}]({p.name})")
             lines.append("")
-    figures = [(f"{r['method']}-s{r['seed']}", name, rel) for r in sorted(records, key=lambda r: (r["method"], int(r["seed"])))
+    figures = [(f"{variant_label(r['method'], r.get('variant'))}-s{r['seed']}", name, rel)
+               for r in sorted(records, key=lambda r: (r["method"], record_variant(r), int(r["seed"])))
                for name, rel in sorted((r.get("figures") or {}).items()) if (out_dir / rel).is_file()]
     if figures:
         lines += ["## Method figures", ""]
@@ -521,6 +543,7 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
             "diff_ci95_low": _round(100 * diff["ci95_low"]) if diff.get("n_pairs") else None,
             "diff_ci95_high": _round(100 * diff["ci95_high"]) if diff.get("n_pairs") else None,
             "test": "paired t-test (scipy.stats.ttest_rel), Holm over each control's family",
+            "variant": row["variant"], "config_diff": variant_cell(row),
             "reference_row": row["reference_row"], "teacher_access": row["teacher_access"], "data": row["data"],
             "seeds": " ".join(map(str, row["seeds"])), "paper_accuracy_pct": row["paper"],
             "paper_comparable": why_not is None,
@@ -638,10 +661,11 @@ def load_references(references_dir: str | os.PathLike, dataset: str, profile: st
 
 
 def build_references(records: Iterable[dict], profile: str) -> dict[str, dict]:
-    """{method: reference} from records of one (dataset, profile): mean accuracy, tolerance, max queries."""
+    """{method: reference} from records of one (dataset, profile): mean accuracy, tolerance, max queries.
+    A variant other than ``default`` is keyed ``method@variant``."""
     by_method: dict[str, list[dict]] = {}
     for r in records:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(variant_label(r["method"], record_variant(r)), []).append(r)
     out = {}
     for method, rs in sorted(by_method.items()):
         rs = sorted(rs, key=lambda r: int(r["seed"]))
@@ -688,7 +712,7 @@ class GateResult:
 
 def check_gate(record: dict, references: dict[str, dict]) -> GateResult:
     """Gate one run record against ``references`` ({method: reference}) of its (dataset, profile)."""
-    method = record["method"]
+    method = variant_label(record["method"], record_variant(record))
     ref = references.get(method)
     case = f"{record['dataset']}-{method}-s{record['seed']} ({record['profile']})"
     if not ref:

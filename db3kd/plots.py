@@ -236,7 +236,9 @@ def forest_plot(records: Iterable[dict], path: str | os.PathLike, *, control: st
     """
     from db3kd import stats
 
-    records = list(records)
+    from db3kd.records import record_variant
+
+    records = [r for r in records if record_variant(r) == "default"]  # one point per method: its default configuration
     acc = stats.per_seed(records)
     if control not in acc:
         return None
