@@ -3,7 +3,8 @@
 =================  ==========  ===========================================================
 method             access      module
 =================  ==========  ===========================================================
-teacher-ce         none        :mod:`baselines.reference` (reference row)
+teacher-ce         white_box   :mod:`baselines.reference` (reference row: the shared teacher itself)
+teacher-arch-ce    none        :mod:`baselines.reference` (reference row: teacher architecture, student recipe)
 student-ce         none        :mod:`baselines.reference` (reference row)
 standard-kd        scores      :mod:`baselines.kd`
 surrogate-kd       none        :mod:`baselines.kd`

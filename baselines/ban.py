@@ -37,6 +37,7 @@ class BANParams(KDParams):
     ensemble: bool = True
 
     profile_overrides: ClassVar[dict] = {"cpu": {"aux_epochs": 10}, "smoke": {"aux_epochs": 3}}
+    search_space: ClassVar[dict] = {**KDParams.search_space, "generations": ("int", 1, 3)}
 
 
 class ProbabilityEnsemble(nn.Module):

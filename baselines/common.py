@@ -18,7 +18,7 @@ loss); auxiliary models (surrogates, earlier generations, self-teachers) use
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,9 @@ class KDParams(MethodParams):
     w_ce: float = Field(default=1.0, ge=0)
     w_kd: float = Field(default=1.0, ge=0)
     tau_squared: bool = False
+
+    search_space: ClassVar[dict] = {"tau": ("float", 0.1, 20.0, "log"), "tau_squared": ("categorical", (False, True)),
+                                    "w_ce": ("float", 0.0, 1.0), "w_kd": ("float", 0.1, 10.0, "log")}
 
 
 class KDMethod(Method):

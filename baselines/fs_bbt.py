@@ -276,8 +276,21 @@ class _FSBBT(Method):
     Params = FSBBTParams
 
     def few_shot_images(self, ctx: MethodContext) -> torch.Tensor:
-        """``shots_per_class * L`` random training images (uint8), chosen without their labels."""
-        n = min(self.params.shots_per_class * ctx.num_classes, ctx.train_x.shape[0])
+        """``shots_per_class * L`` random training images (uint8), chosen without their labels.
+
+        The count is FS-BBT's own (paper: 2,000 on MNIST / FMNIST), independent of the profile's
+        training subset (cpu: 10,000 images for every method). When the subset holds no more images
+        than that, FS-BBT sees as many images as every other method, i.e. it is not few-shot relative
+        to them: a warning says so and ``metrics["few_shot_fraction"]`` (n_real / subset size) records it.
+        """
+        import warnings
+
+        wanted = self.params.shots_per_class * ctx.num_classes
+        n = min(wanted, ctx.train_x.shape[0])
+        if n >= ctx.train_x.shape[0]:
+            warnings.warn(f"{self.name}: {wanted} few-shot images requested but the training subset has "
+                          f"{ctx.train_x.shape[0]}: the row uses the same data as the full-data methods, not fewer",
+                          stacklevel=2)
         gen = torch.Generator().manual_seed(ctx.seed * 1000 + 23)
         return ctx.train_x[torch.randperm(ctx.train_x.shape[0], generator=gen)[:n].sort().values]
 
@@ -298,6 +311,7 @@ class _FSBBT(Method):
 
         metrics = {
             "n_real": float(x_real.shape[0]),
+            "few_shot_fraction": float(x_real.shape[0]) / max(1, ctx.train_x.shape[0]),
             "n_mixup": float(x_mix.shape[0]),
             "n_cvae": float(x_gen.shape[0]),
             "cvae_final_loss": cvae_losses[-1] if cvae_losses else float("nan"),

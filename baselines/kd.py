@@ -114,6 +114,8 @@ class NoiseLogitsParams(KDParams):
     r_low: float = Field(default=1.0, gt=0)
     r_high: float = Field(default=5.0, gt=0)
 
+    search_space: ClassVar[dict] = {**KDParams.search_space, "r_low": ("float", 0.1, 2.9), "r_high": ("float", 3.0, 10.0)}
+
     @model_validator(mode="after")
     def _range(self):
         if not self.r_high > self.r_low:

@@ -205,6 +205,9 @@ class SSKDParams(MethodParams):
         "cpu": {"head_epochs": 5, "head_milestones": (3, 4)},
         "smoke": {"head_epochs": 1, "head_milestones": (), "aux_epochs": 3},
     }
+    search_space: ClassVar[dict] = {"w_ce": ("float", 0.0, 1.0), "w_kd": ("float", 0.1, 10.0, "log"),
+                                    "kd_tau": ("float", 1.0, 10.0, "log"), "w_tf": ("float", 0.5, 5.0, "log"),
+                                    "w_ss": ("float", 1.0, 20.0, "log")}
 
 
 @register_method

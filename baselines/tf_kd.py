@@ -124,6 +124,10 @@ class TFKDRegParams(MethodParams):
     multiplier: float = Field(default=100.0, gt=0)
     tau_squared: bool = False
 
+    search_space: ClassVar[dict] = {"a": ("float", 0.5, 0.99), "tau": ("float", 1.0, 20.0, "log"),
+                                    "w_ce": ("float", 0.0, 1.0), "w_kd": ("float", 0.01, 1.0, "log"),
+                                    "tau_squared": ("categorical", (False, True))}
+
 
 @register_method
 class TFKDReg(Method):

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
+    _add_tune(sub)
     _add_methods(sub)
     _add_leaderboard(sub)
     return parser
@@ -105,6 +106,12 @@ def _add_run(sub) -> argparse.ArgumentParser:
                      help="name this configuration in records, leaderboards and MLflow (default: 'default' for the "
                      "default configuration, else the hash of what differs from it)")
     _add_ray_options(run)
+    run.add_argument("--params", default="tuned", choices=("tuned", "paper"),
+                     help="tuned (default): the values chosen on the validation split in benchmarks/tuned/"
+                     "<dataset>-<profile>.json when the method has them; paper: the papers' settings")
+    run.add_argument("--student", default=None, metavar="ARCH",
+                     help="student architecture instead of the dataset's (e.g. lenet5-1/5, alexnet-quarter; "
+                     "the same as --set student.arch=...); the teacher's own seed is --set teacher_seed=N")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
     run.add_argument("--show-config", action="store_true",
                      help="print the fully resolved configuration as YAML (loadable with --config) and exit")
@@ -118,6 +125,48 @@ def _add_run(sub) -> argparse.ArgumentParser:
                      help="MLflow store for --record (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     run.add_argument("--no-tracking", action="store_true", help="with --record: do not log to MLflow")
     return run
+
+
+def _add_tune(sub) -> argparse.ArgumentParser:
+    tune = sub.add_parser(
+        "tune", help="tune a method's hyperparameters on the validation split (Optuna TPE, resumable)",
+        description="Run or resume an Optuna study (TPE, fixed sampler seed, median pruning on the per-epoch "
+        "validation accuracy) over the method's declared search space and the student recipe; the objective is "
+        "validation accuracy (the test split is not read). The best values go to "
+        "benchmarks/tuned/<dataset>-<profile>.json, which `db3kd run` and the benchmarks use by default.")
+    tune.add_argument("--dataset", required=True, choices=dataset_choices())
+    tune.add_argument("--method", required=True, help="registered method name")
+    tune.add_argument("--trials", type=int, required=True, metavar="N",
+                      help="finished trials in all (a resumed study runs only the missing ones)")
+    tune.add_argument("--profile", default="cpu", choices=PROFILE_CHOICES, help="default: cpu")
+    tune.add_argument("--seed", type=int, default=0, help="run seed of every trial (default: 0)")
+    tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    tune.add_argument("--storage", default=None, metavar="URL",
+                      help="Optuna RDB storage (default: sqlite:///$DB3KD_CACHE/tuning/<dataset>-<profile>.db)")
+    tune.add_argument("--out", default=None, metavar="DIR", help="where the tuned values go (default: benchmarks/tuned)")
+    tune.add_argument("--data-root", default=None, help="dataset folder (default: $DB3KD_DATA, else ./data)")
+    tune.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    tune.add_argument("--tracking-uri", default=None, metavar="URI",
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tune.add_argument("--no-tracking", action="store_true", help="do not log the trials to MLflow")
+    return tune
+
+
+def _cmd_tune(args) -> int:
+    import torch
+
+    from db3kd.tuning import tune
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    entry = tune(args.dataset, args.method, args.trials, profile=args.profile, seed=args.seed,
+                 sampler_seed=args.sampler_seed, storage=args.storage, data_root=args.data_root, device=device,
+                 tracking_uri=args.tracking_uri, tracking=not args.no_tracking, out_dir=args.out,
+                 progress=sys.stderr.isatty())
+    print(f"best validation accuracy {entry['best_val_accuracy']:.4f} (trial {entry['best_trial']}, "
+          f"{entry['complete_trials']} complete, {entry['pruned_trials']} pruned of {entry['trials']})")
+    print(f"params {json.dumps(entry['params'], sort_keys=True)} student {json.dumps(entry['student'], sort_keys=True)}")
+    print(f"written to {entry['path']}")
+    return 0
 
 
 def _add_methods(sub) -> argparse.ArgumentParser:
@@ -158,7 +207,8 @@ def config_from_args(args):
     variant = args.variant if args.variant is not None else settings.pop("variant", None)
     settings.pop("variant", None)
     return resolve(ident["dataset"], ident["method"], ident["profile"], ident["seed"], overrides=settings,
-                   teacher_file=args.teacher, query_budget=args.query_budget, variant=variant)
+                   teacher_file=args.teacher, query_budget=args.query_budget, variant=variant, params=args.params,
+                   student_arch=args.student)
 
 
 def _cmd_run(args) -> int:
@@ -339,7 +389,8 @@ def _main(argv=None) -> int:
     from db3kd.errors import DB3KDError, QueryBudgetExceeded
 
     try:
-        return {"run": _cmd_run, "methods": _cmd_methods, "leaderboard": _cmd_leaderboard}[args.command](args)
+        return {"run": _cmd_run, "tune": _cmd_tune, "methods": _cmd_methods,
+                "leaderboard": _cmd_leaderboard}[args.command](args)
     except QueryBudgetExceeded as exc:
         print(f"db3kd: stopped cleanly after {exc.queries} teacher queries: {exc}", file=sys.stderr)
         if getattr(args, "run_dir", None):

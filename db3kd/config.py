@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from db3kd.datasets import DATASETS, DatasetSpec, get_dataset
 from db3kd.errors import ConfigError
@@ -113,8 +113,11 @@ def validate_model(cls: type[BaseModel], values: dict[str, Any], *, where: str =
 class StageConfig(BaseModel):
     """One training stage (teacher or student): architecture and optimisation.
 
-    epochs >= 1; batch_size >= 1; lr > 0; optimizer adam|sgd; lr_milestones: epochs where lr *= lr_gamma;
-    augment none|crop_flip; train_subset: use only this many training images (None = all).
+    epochs >= 1; batch_size >= 1; lr > 0 (with ``schedule="onecycle"`` the peak lr); optimizer adam|sgd;
+    lr_milestones: epochs where lr *= lr_gamma; schedule: ``none`` (constant lr, or the milestones) or
+    ``onecycle`` (torch.optim.lr_scheduler.OneCycleLR stepped per batch, peak ``lr``; no milestones);
+    augment none|crop|crop_flip; train_subset: use only this many training images (None = all);
+    pretrained: torchvision weights to start from (e.g. ``IMAGENET1K_V1``; :mod:`db3kd.pretrained`), None = scratch.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -129,6 +132,15 @@ class StageConfig(BaseModel):
     lr_gamma: float = Field(default=0.1, gt=0)
     augment: Literal["none", "crop", "crop_flip"] = "none"
     train_subset: int | None = Field(default=None, ge=1)
+    schedule: Literal["none", "onecycle"] = "none"
+    pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _one_schedule(self):
+        if self.schedule == "onecycle" and self.lr_milestones:
+            raise ValueError(f"schedule='onecycle' sets the lr of every step; lr_milestones {self.lr_milestones} "
+                             "would fight it (give one or the other)")
+        return self
 
     def train_config(self):
         from db3kd.training import TrainConfig
@@ -136,7 +148,7 @@ class StageConfig(BaseModel):
         return TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer,
             weight_decay=self.weight_decay, momentum=self.momentum, lr_milestones=tuple(self.lr_milestones),
-            lr_gamma=self.lr_gamma, augment=self.augment,
+            lr_gamma=self.lr_gamma, augment=self.augment, schedule=self.schedule,
         )
 
 
@@ -181,6 +193,7 @@ class _TopLevel(BaseModel):
     teacher_file: str | None = None
     query_budget: int | None = Field(default=None, ge=0)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    teacher_seed: int = Field(default=0, ge=0)  # the teacher's own seed, shared by every method and run seed
     teacher_input: TeacherInput | None = None  # a user's teacher's input normalisation (None: [0, 1] pixels)
 
 
@@ -194,8 +207,9 @@ _LENET_TEACHER_PAPER = dict(epochs=200, batch_size=1024, lr=5e-4)  # authors' co
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"teacher": _LENET_TEACHER_PAPER, "student": dict(epochs=100, batch_size=512, lr=5e-3),
               "oracle_batch": 4096},
+    # cpu students train on 10,000 images, the same for every method and seed (runner.select_subset, seed 0)
     "cpu": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
-            "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=2000), "oracle_batch": 256},
+            "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=10000), "oracle_batch": 256},
     "smoke": {"teacher": dict(epochs=1, batch_size=64, lr=1e-3, train_subset=2000),
               "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200), "oracle_batch": 256},
 }
@@ -228,6 +242,7 @@ class RunConfig:
     student: StageConfig
     method_params: dict[str, Any]
     oracle_batch: int = 4096
+    teacher_seed: int = 0  # the teacher's own seed: one teacher per (dataset, profile), shared by every method and seed
     teacher_file: str | None = None  # a user's TorchScript / torch.export teacher replaces the built-in one
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
@@ -434,6 +449,10 @@ def resolve(
     query_budget: int | None = None,
     variant: str | None = None,
     teacher_input: Mapping[str, Any] | None = None,
+    teacher_seed: int | None = None,
+    student_arch: str | None = None,
+    student_overrides: Mapping[str, Any] | None = None,
+    params: Literal["tuned", "paper"] = "tuned",
 ) -> RunConfig:
     """Resolve (dataset, method, profile, seed) and settings into a :class:`RunConfig`.
 
@@ -443,12 +462,20 @@ def resolve(
     ``num_classes`` the dataset's); method_overrides: method parameters only (applied after
     ``overrides``); teacher_file / query_budget / teacher_input: as the top-level keys, winning over
     ``overrides``; variant: the user's name for this configuration (:attr:`RunConfig.variant`).
+    teacher_seed: the teacher's own seed (default 0; one teacher per dataset and profile, shared by
+    every method and run seed). student_arch: a registered model replacing the dataset's student
+    (e.g. ``lenet5-1/5``, ``alexnet-quarter``: the paper's Table 1 columns). student_overrides:
+    student stage fields. params: ``tuned`` (default) applies the values chosen on the validation
+    split in ``benchmarks/tuned/<dataset>-<profile>.json`` (:mod:`db3kd.tuning`) when the method has
+    an entry there, beneath every explicit setting, and records ``extra["params"] = "tuned on val
+    (N trials)"``; ``paper`` keeps the papers' settings (the profile's defaults).
 
     Raises ConfigError for an unknown dataset, method, profile or key, a negative seed, or a bad
     value (wrong type, out of range), naming the key, the value and the rule.
     """
     from db3kd.registry import get_method
 
+    params_source = params  # the name `params` is reused below for the method parameters among the settings
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if profile not in PROFILE_NAMES:
@@ -466,6 +493,28 @@ def resolve(
             rule = (f"the dataset {dataset} has {spec.num_classes} classes" if key == "num_classes"
                     else f"pass it as the {key} argument (it is {given[key]!r})")
             raise ConfigError(f"invalid setting {key}={value!r}: {rule}")
+    if params_source not in ("tuned", "paper"):
+        raise ConfigError(f"invalid params={params_source!r}: 'tuned' (values chosen on validation) or 'paper'")
+    tuned = None
+    if params_source == "tuned":
+        from db3kd.tuning import load_tuned
+
+        tuned = load_tuned(dataset, profile, method)
+    tuned_student = dict((tuned or {}).get("student") or {})
+    tuned_params = dict((tuned or {}).get("params") or {})
+    if tuned is not None:
+        extra = {"params": f"tuned on val ({int(tuned.get('trials', 0))} trials)", **dict(extra)}
+    if student_arch is not None:
+        from db3kd.models import _ALIASES, model_names  # the registry's alias table: lenet5-1/5 -> lenet5-fifth
+
+        canonical = _ALIASES.get(str(student_arch).lower())
+        if canonical is None:
+            raise ConfigError(f"unknown student architecture {student_arch!r}; registered: {', '.join(model_names())}")
+        stages["student"] = {**stages["student"], "arch": canonical}
+    if student_overrides:
+        stages["student"] = {**stages["student"], **dict(student_overrides)}
+    if teacher_seed is not None:
+        top["teacher_seed"] = teacher_seed
     if teacher_file is not None:
         top["teacher_file"] = str(teacher_file)
     if query_budget is not None:
@@ -478,14 +527,16 @@ def resolve(
     run = validate_model(_TopLevel, {**base_top, **top}, where="setting")
     stage_cfg = {}
     for stage in STAGES:
-        values = {"arch": getattr(spec, stage), **merged[stage], **stages[stage]}
+        values = {"arch": getattr(spec, stage), **merged[stage], **(tuned_student if stage == "student" else {}),
+                  **stages[stage]}
         stage_cfg[stage] = validate_model(StageConfig, values, where="setting", prefix=f"{stage}.")
-    method_params = cls.Params.for_profile(profile, dataset, {**params, **(method_overrides or {})})
+    method_params = cls.Params.for_profile(profile, dataset, {**tuned_params, **params, **(method_overrides or {})})
     config = RunConfig(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
         image_size=run.image_size, teacher=stage_cfg["teacher"], student=stage_cfg["student"],
         method_params=method_params.model_dump(), oracle_batch=run.oracle_batch, teacher_file=run.teacher_file,
         query_budget=run.query_budget, val_fraction=run.val_fraction, extra=dict(extra), teacher_input=run.teacher_input,
+        teacher_seed=run.teacher_seed,
     )
     return config.with_variant(variant) if variant is not None else config
 

@@ -68,6 +68,7 @@ class MethodContext:
     progress: bool = False
     evaluate_milestone: Callable[[nn.Module], float] | None = None
     resumable: bool = False  # checkpoint long stages into workdir and resume from them
+    teacher_checkpoint: str | None = None  # digest of the teacher's weights (cache key of label construction)
     executor: Any = None  # db3kd.distributed.ChunkExecutor (default: in-process) that label construction runs through
 
     def __post_init__(self):
@@ -91,7 +92,13 @@ class MethodContext:
 
         seed_everything(self.seed * 1000 + seed_offset)
         c, h, _ = self.image_shape
-        return get_model(arch or self.config.student.arch, num_classes=self.num_classes, in_channels=c, image_size=h)
+        name = arch or self.config.student.arch
+        model = get_model(name, num_classes=self.num_classes, in_channels=c, image_size=h)
+        if self.config.student.pretrained and name == self.config.student.arch:  # e.g. ImageNet ResNet-18 (Flowers102)
+            from db3kd.pretrained import load_pretrained
+
+            load_pretrained(model, name, self.config.student.pretrained)
+        return model
 
     def train(
         self,

@@ -181,6 +181,9 @@ MNIST = register_dataset(DatasetSpec(
     name="mnist", num_classes=10, input_shape=(1, 28, 28), teacher="lenet5", student="lenet5-half",
     loader="db3kd.data:load_mnist_like", description="MNIST (torchvision layout under --data-root)",
     folder="MNIST", options={"torchvision_class": "MNIST"},
+    # cpu: a LeNet-5 teacher at the paper's level (99.33): Adam, one-cycle, batch 128 on the 54,000-image
+    # split, 12 epochs (issue 18: measured 99.45%); Fashion-MNIST 24 epochs (measured 92.10%, paper 91.63)
+    profiles={"cpu": {"teacher": dict(epochs=12, batch_size=128, lr=5e-3, schedule="onecycle")}},
     checksums={
         "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
         "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
@@ -192,6 +195,7 @@ MNIST = register_dataset(DatasetSpec(
 FMNIST = register_dataset(replace(
     MNIST, name="fmnist", description="Fashion-MNIST (torchvision layout under --data-root)",
     folder="FashionMNIST", options={"torchvision_class": "FashionMNIST"},
+    profiles={"cpu": {"teacher": dict(epochs=24, batch_size=128, lr=5e-3, schedule="onecycle")}},
     checksums={
         "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
         "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
@@ -230,7 +234,10 @@ FLOWERS102 = register_dataset(DatasetSpec(
     loader="db3kd.data:load_flowers102", description="Oxford Flowers102 (flowers-102 under --data-root)",
     image_size=224, folder="flowers-102",
     profiles={
-        "paper": {"teacher": _RESNET_PAPER, "student": dict(_RESNET_PAPER, epochs=200, batch_size=32)},
+        # Sec. 4.1: the student trains with Adam at 5e-3 for 200 epochs; teacher (ResNet-34) and student
+        # (ResNet-18) start from torchvision's ImageNet weights (db3kd.pretrained)
+        "paper": {"teacher": dict(_RESNET_PAPER, pretrained="IMAGENET1K_V1"),
+                  "student": dict(epochs=200, batch_size=32, lr=5e-3, optimizer="adam", pretrained="IMAGENET1K_V1")},
         "cpu": {"image_size": 64, "teacher": dict(epochs=10, batch_size=32, lr=1e-3),
                 "student": dict(epochs=10, batch_size=32, lr=1e-3, train_subset=None)},
         "smoke": {"image_size": 32, "teacher": dict(arch="resnet18", epochs=1, batch_size=16, lr=1e-3),

@@ -8,19 +8,24 @@ Tables, per (dataset, profile), written by :func:`write_group` / :func:`write_al
     results/<dataset>/configs/<config_hash>.json   (the exact resolved config of every cell)
     results/<dataset>/<profile>-accuracy-vs-queries.png, <profile>-mbd-heatmap.png  (db3kd.plots)
 
-One row per (method, variant): reference rows (methods with ``reference_row=True``, e.g. teacher /
-student cross-entropy) first, then by mean student accuracy, best first. The ``variant`` column
-names each configuration and says what it changes from the default of its (dataset, method,
-profile) (``tau05: tau=0.5, student.epochs=5``); records without a variant are ``default``. Accuracies are percentages of
-the test split; ``accuracy kind`` says which student is scored (``final``: the last epoch, no
-model selection on the test set).
+One row per (method, variant) (a variant other than ``default`` is keyed ``method@variant``; the
+``variant`` column says what it changes from the default, ``tau05: tau=0.5``), grouped by teacher access (none, labels, scores, white box) and data (full,
+few-shot, none), one markdown table per group; within a group reference rows (``reference_row=True``,
+e.g. teacher / student cross-entropy) first, then by mean student accuracy, best first. Accuracies
+are percentages of the test split; ``accuracy kind`` says which student is scored (``final``: the
+last epoch, no model selection on the test set). Statistics come from :mod:`db3kd.stats`: mean,
+sample std and 95% t interval per method, paired t-tests against ``student-ce`` and
+``label-smoothing`` (Holm-corrected, ``*`` below 0.05), and under the tables the paper's Table 1
+orderings with one-sided paired p-values. Columns whose value is the same in every row move into
+the header; ``paper %`` is shown only when the runs are in the paper's setting
+(:func:`paper_comparability`), else a header line says why not. The csv starts with
+``method, n, mean, std, ci95_low, ci95_high, p_vs_student_ce, p_vs_label_smoothing`` (percent,
+corrected p-values).
 
 Regression gates (:func:`check_gate`) compare one run with the stored reference of its
 (dataset, profile) in ``benchmarks/references/<dataset>-<profile>.json``::
 
     {method: {"student_accuracy": mean, "tolerance": t, "queries_per_sample": q, ...}}
-
-(a variant other than ``default`` has its own key ``method@variant``).
 
 A run fails when ``student_accuracy < reference - tolerance`` or when ``queries_per_sample``
 exceeds the reference (the reference of the same seed when stored, else the largest over seeds).
@@ -125,17 +130,17 @@ def _method_meta(method: str, records: list[dict]) -> tuple[bool, float | None]:
 def aggregate(records: Iterable[dict]) -> list[dict]:
     """One dict per method of the given records (one dataset and profile), in leaderboard order.
 
-    Keys: method, variant, config_diff ({setting: value} it changes from the default), reference_row,
-    teacher_access, data, n, seeds, student_mean/std (fractions),
+    Keys: method, reference_row, teacher_access, data, n, seeds, student_mean/std (fractions),
     paper (percent or None), queries_per_sample, wall_seconds, accuracy_kind, teacher_mean/std,
     teacher_checkpoints (digests of the teacher's weights),
     config_hashes ({seed: hash}), configs ({hash: config dict}), data_source.
     """
-    by_method: dict[tuple[str, str], list[dict]] = {}
+    records = list(records)
+    by_key: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        by_method.setdefault((r["method"], record_variant(r)), []).append(r)
+        by_key.setdefault((r["method"], record_variant(r)), []).append(r)
     rows = []
-    for (method, variant), rs in by_method.items():
+    for (method, variant), rs in by_key.items():
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         accs = [float(r["student_accuracy"]) for r in rs if r.get("student_accuracy") is not None]
         teach = [float(r["teacher_accuracy"]) for r in rs if r.get("teacher_accuracy") is not None]
@@ -147,6 +152,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         rows.append({
             "method": method,
             "variant": variant,
+            "label": variant_label(method, variant),
             "config_diff": next((r["config_diff"] for r in rs if r.get("config_diff")), {}),
             "reference_row": ref,
             "teacher_access": ", ".join(_unique(r.get("teacher_access") for r in rs)) or "?",
@@ -166,10 +172,49 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
             "configs": {r["config_hash"]: r["config"] for r in rs if r.get("config_hash") and r.get("config")},
             "data_source": ", ".join(_unique(r.get("data_source", "official") for r in rs)),
         })
-    rows.sort(key=lambda row: (not row["reference_row"],
-                               -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0),
-                               row["method"], row["variant"] != "default", row["variant"]))
+    from db3kd import stats
+
+    acc: dict[str, dict[int, float]] = {}
+    for r in records:  # pairs share a seed; a variant is its own "method" (its label), the controls are default
+        if r.get("student_accuracy") is not None and math.isfinite(float(r["student_accuracy"])):
+            acc.setdefault(variant_label(r["method"], record_variant(r)), {})[int(r["seed"])] = float(r["student_accuracy"])
+    compared = stats.compare_methods(acc)
+    for row in rows:
+        s = compared.get(row["label"], {})
+        rs_row = by_key[(row["method"], row["variant"])]
+        row["ci95_low"], row["ci95_high"] = s.get("ci95_low", float("nan")), s.get("ci95_high", float("nan"))
+        for control in stats.CONTROLS:
+            key = control.replace("-", "_")
+            row[f"p_vs_{key}"] = s.get(f"p_vs_{key}", float("nan"))
+            row[f"diff_vs_{key}"] = s.get(f"diff_vs_{key}")
+        row["params"] = ", ".join(_unique(_params_label(r) for r in rs_row))
+        row["chosen_milestones"] = _unique(int(r["metrics"]["chosen_milestone"]) for r in rs_row
+                                           if (r.get("metrics") or {}).get("chosen_milestone") is not None)
+        row["student_arch"] = ", ".join(_unique(r.get("student_arch") or (r.get("config") or {}).get("student", {}).get("arch")
+                                                for r in rs_row)) or "?"
+    rows.sort(key=_row_order)
     return rows
+
+
+def _params_label(record: dict) -> str:
+    """Where a run's method parameters came from: ``tuned on val (N trials)`` or the profile's defaults."""
+    extra = (record.get("config") or {}).get("extra") or {}
+    return str(extra.get("params") or "paper settings (profile defaults)")
+
+
+def _group_index(value: str, levels: tuple[str, ...]) -> int:
+    return levels.index(value) if value in levels else len(levels)
+
+
+def _row_order(row: dict):
+    """Reference rows (teacher, cross-entropy students) first, then teacher access (none, labels,
+    scores, white box), then data (full, few-shot, none); within a group by mean accuracy, best first."""
+    from db3kd.registry import ACCESS_LEVELS, DATA_LEVELS
+
+    group = (-1, -1) if row["reference_row"] else (_group_index(row["teacher_access"], ACCESS_LEVELS),
+                                                   _group_index(row["data"], DATA_LEVELS))
+    return (*group, -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0), row["method"],
+            row["variant"] != "default", row["variant"])
 
 
 def variant_cell(row: dict) -> str:
@@ -200,36 +245,169 @@ def _num(v: float | None, fmt: str) -> str:
 # tables
 # ------------------------------------------------------------------------------------------------
 
-_COLUMNS = ["method", "variant", "teacher access", "data", "student acc. % (mean ± std, n seeds)", "paper %",
-            "teacher queries / sample", "wall time (s)", "accuracy kind", "teacher acc. %",
-            "teacher checkpoint", "config"]
+_ACC = "student acc. %"
+_DIFF = "Δ vs student-ce (points, paired 95% CI)"
+_COLUMNS = ["method", "variant", "teacher access", "data", _ACC, _DIFF, "p vs student-ce", "p vs label-smoothing", "paper %",
+            "teacher queries / sample", "wall time (s)", "accuracy kind", "teacher acc. %", "teacher checkpoint",
+            "student", "params", "config"]
+#: Never moved into the header, even when every row agrees.
+_ALWAYS_SHOWN = ("method", _ACC, "config")
+_GROUP_NAMES = {"none": "no teacher", "labels": "teacher labels (top-1)", "scores": "teacher scores",
+                "white_box": "white-box teacher"}
+_DATA_NAMES = {"full": "full training data", "few_shot": "few-shot data", "none": "no data"}
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    """The table's columns: ``variant`` only when some row is not the default configuration."""
-    return _COLUMNS if any(row["variant"] != "default" for row in rows) else [c for c in _COLUMNS if c != "variant"]
+def _p_cell(p: float) -> str:
+    from db3kd.stats import ALPHA
+
+    if p is None or not math.isfinite(p):
+        return "–"
+    text = "<0.001" if p < 0.001 else f"{p:.3f}"
+    return text + (" *" if p < ALPHA else "")
+
+
+def _signed(v: float) -> str:
+    return f"{100.0 * v:+.2f}"
+
+
+def _diff_cell(diff: dict | None, p: float, control: str, method: str) -> str:
+    if method == control:
+        return "control"
+    if not diff or not diff.get("n_pairs"):
+        return "–"
+    if diff["n_pairs"] == 1:
+        return f"{_signed(diff['mean_diff'])} (1 seed, no interval)"
+    cell = f"{_signed(diff['mean_diff'])} [{_signed(diff['ci95_low'])}, {_signed(diff['ci95_high'])}]"
+    from db3kd.stats import ALPHA
+
+    return cell + (" *" if p is not None and math.isfinite(p) and p < ALPHA else "")
+
+
+def _acc_ci_cell(row: dict) -> str:
+    mean, std, n = row["student_mean"], row["student_std"], row["n"]
+    if not math.isfinite(mean):
+        return "–"
+    if n < 2 or not math.isfinite(std):
+        return f"{_pct(mean)} (1 seed)" if n == 1 else f"{_pct(mean)} (n={n})"
+    return f"{_pct(mean)} ± {_pct(std)} [{_pct(row['ci95_low'])}, {_pct(row['ci95_high'])}] (n={n})"
+
+
+def paper_comparability(records: list[dict], dataset: str, profile: str) -> str | None:
+    """None when these runs are in the paper's setting (the ``paper %`` column is shown), else why not (one line)."""
+    reasons = []
+    if profile != "paper":
+        reasons.append(f"profile `{profile}` is not the paper's setting ({PROFILE_NOTES.get(profile, 'custom profile')})")
+    if any(r.get("data_source", "official") != "official" for r in records):
+        reasons.append("the data is not the official release")
+    try:
+        from db3kd.config import DATASETS
+
+        paper_student = DATASETS[dataset].student
+    except (ImportError, KeyError, AttributeError):  # unknown dataset: nothing to compare with
+        paper_student = None
+    archs = _unique(r.get("student_arch") or (r.get("config") or {}).get("student", {}).get("arch") for r in records)
+    if paper_student is not None and any(a != paper_student for a in archs):
+        reasons.append(f"students {', '.join(map(str, archs))} differ from the paper's column ({paper_student})")
+    if any((r.get("config") or {}).get("teacher_file") for r in records):
+        reasons.append("the teacher is a user's file, not the paper's teacher")
+    return "; ".join(reasons) or None
 
 
 def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
-    """One list of cells per row, in the order of :func:`_columns`."""
-    show_variant = "variant" in _columns(rows)
+    """One list of cells per row, in :data:`_COLUMNS` order."""
     out = []
     for row in rows:
         name = row["method"] + (" (reference)" if row["reference_row"] else "")
+        if row.get("chosen_milestones"):
+            name += f" ({', '.join(f'{m:,}' for m in row['chosen_milestones'])} queries/pair, chosen on val)"
         configs = " ".join(
             (f"[s{seed}](configs/{h}.json)" if links else f"s{seed}: {h}") for seed, h in sorted(row["config_hashes"].items()))
         out.append([
-            name, variant_cell(row), row["teacher_access"], row["data"],
-            _acc_cell(row["student_mean"], row["student_std"], row["n"]),
+            name, variant_cell(row), row["teacher_access"], row["data"], _acc_ci_cell(row),
+            _diff_cell(row.get("diff_vs_student_ce"), row.get("p_vs_student_ce"), "student-ce", row["method"]),
+            "control" if row["method"] == "student-ce" else _p_cell(row.get("p_vs_student_ce")),
+            "control" if row["method"] == "label-smoothing" else _p_cell(row.get("p_vs_label_smoothing")),
             "–" if row["paper"] is None else f"{float(row['paper']):.2f}",
             _num(row["queries_per_sample"], ".1f"), _num(row["wall_seconds"], ".1f"), row["accuracy_kind"],
-            _acc_cell(row["teacher_mean"], row["teacher_std"], row["n"]).replace(f" (n={row['n']})", ""),
+            _pct(row["teacher_mean"]) if row["n"] else "–",
             ", ".join(h[:12] for h in row["teacher_checkpoints"]) or "–",
+            row.get("student_arch", "?"), row.get("params", "?"),
             configs or "–",
         ])
-        if not show_variant:
-            del out[-1][1]
     return out
+
+
+def _layout(rows: list[dict], cells: list[list[str]], *, show_paper: bool) -> tuple[list[str], dict[str, str]]:
+    """(columns kept, {column: value} of the columns every row agrees on, moved into the header)."""
+    drop = {} if show_paper else {"paper %": None}
+    constant = {}
+    if len(rows) > 1:
+        for j, col in enumerate(_COLUMNS):
+            values = {c[j] for c in cells}
+            if col not in _ALWAYS_SHOWN and col not in drop and len(values) == 1:
+                constant[col] = next(iter(values))
+    keep = [c for c in _COLUMNS if c not in drop and c not in constant]
+    return keep, constant
+
+
+def _select(cells: list[list[str]], keep: list[str]) -> list[list[str]]:
+    idx = [_COLUMNS.index(c) for c in keep]
+    return [[c[i] for i in idx] for c in cells]
+
+
+def _group_tables(rows: list[dict], cells: list[list[str]], keep: list[str]) -> list[str]:
+    """Markdown: one table per (teacher access, data) group, under a heading naming the group."""
+    from tabulate import tabulate
+
+    lines: list[str] = []
+    groups: dict[tuple[str, str] | None, list[int]] = {}
+    for i, row in enumerate(rows):  # rows are already in group order
+        groups.setdefault(None if row["reference_row"] else (row["teacher_access"], row["data"]), []).append(i)
+    for group, members in groups.items():
+        if group is None:  # the reference rows keep their access and data columns
+            cols = keep
+            lines += ["### reference rows (the teacher and cross-entropy students)", ""]
+        else:
+            access, data = group
+            cols = [c for c in keep if c not in ("teacher access", "data")]
+            lines += [f"### {_GROUP_NAMES.get(access, access)} · {_DATA_NAMES.get(data, data)} "
+                      f"(teacher access `{access}`, data `{data}`)", ""]
+        lines.append(tabulate(_select([cells[i] for i in members], cols), headers=cols, tablefmt="github",
+                              disable_numparse=True))
+        lines.append("")
+    return lines
+
+
+def _orderings_lines(records: list[dict]) -> list[str]:
+    """The paper's Table 1 orderings checked on these records (one line per claim)."""
+    from db3kd import stats
+
+    acc = stats.per_seed(r for r in records if record_variant(r) == "default")
+    claims = stats.paper_orderings(acc)
+    if not any(o.a in acc or o.b in acc for o in claims):
+        return []
+    lines = ["## The paper's Table 1 orderings, here", "",
+             "Paper: MBD >= BD >= SD > standard KD > surrogate KD > student CE > noise logits. Each claim "
+             "`a > b` is tested one-sided (H1: mean over seeds of a - b > 0) with a paired t-test over the seeds "
+             "both have, Holm-corrected over the chain; *holds* means the means are in the paper's order here, "
+             f"*significant* that the corrected p < {stats.ALPHA}.", ""]
+    for o in claims:
+        claim = f"`{o.a}` {o.relation.replace('>=', '≥')} `{o.b}`"
+        if o.observed is None:
+            missing = [m for m in (o.a, o.b) if m not in acc]
+            lines.append(f"- {claim}: not measured (no record of {', '.join(missing)})")
+            continue
+        means = f"{_pct(o.mean_a)} vs {_pct(o.mean_b)}"
+        verdict = "holds" if o.observed else "does NOT hold"
+        if o.n_pairs < 2:
+            lines.append(f"- {claim}: {verdict} on the means ({means}); untested: {o.n_pairs} shared seed(s), "
+                         "a paired test needs 2 or more")
+            continue
+        lines.append(f"- {claim}: {verdict} on the means ({means}, mean paired difference {_signed(o.mean_diff)} "
+                     f"points over {o.n_pairs} seeds); one-sided p = {_p_cell(o.p_value).rstrip(' *')}, "
+                     f"Holm {_p_cell(o.p_holm).rstrip(' *')}: {'significant' if o.significant else 'not significant'}")
+    lines.append("")
+    return lines
 
 
 def _header_lines(records: list[dict], dataset: str, profile: str, results_dir: Path) -> list[str]:
@@ -268,15 +446,30 @@ def _header_lines(records: list[dict], dataset: str, profile: str, results_dir: 
         "- **Git commit(s):** " + (", ".join(f"`{c}`" for c in commits if c) or "unknown"),
         "- **Runs:** " + (f"{created[0]} .. {created[-1]}" if created else "unknown"),
         "- **Accuracy:** test-split accuracy in %; "
-        + "; ".join(f"`{k}` = {ACCURACY_KINDS.get(k, k)}" for k in kinds)
-        + ". Mean ± sample standard deviation over seeds. `paper %` is the number the method's paper reports "
-        "(paper-scale settings).",
+        + "; ".join(f"`{k}` = {ACCURACY_KINDS.get(k, k)}" for k in kinds) + ". " + _spread_sentence(records),
         "- **Queries / sample:** teacher queries divided by the number of training images the student used "
         "(counted by the oracle).",
         "- **Config:** the exact resolved configuration of each seed, committed in `configs/<config_hash>.json`.",
         "",
     ]
     return lines
+
+
+def _spread_sentence(records: list[dict]) -> str:
+    """What the accuracy cells show, true to the number of seeds each method has."""
+    from db3kd.stats import ALPHA, TEST_NAME
+
+    counts = {}
+    for r in records:
+        counts.setdefault(r["method"], set()).add(int(r["seed"]))
+    ns = sorted({len(v) for v in counts.values()})
+    if ns == [1]:
+        return ("1 seed per method: the cells are single runs, with no spread, no interval and no test; one "
+                "evaluation on 10,000 test images alone has a standard error of about 0.17 points at 97%.")
+    return (f"Seeds per method: {', '.join(map(str, ns))}. With n >= 2: mean ± sample standard deviation "
+            f"[95% Student-t interval of the mean] (n seeds); a method with 1 seed shows its single run. "
+            f"Δ and p: {TEST_NAME} within each control's family (all methods against student-ce, all against "
+            f"label-smoothing); * marks corrected p < {ALPHA}.")
 
 
 def _latex_escape(text: str) -> str:
@@ -306,9 +499,27 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     # markdown
     plot_files = plots.write_plots(records, out_dir, profile)
     lines = _header_lines(records, dataset, profile, results_dir)
-    lines.append(tabulate(_display_rows(rows, links=True), headers=_columns(rows), tablefmt="github",
-                          disable_numparse=True))
+    cells = _display_rows(rows, links=True)
+    why_not = paper_comparability(records, dataset, profile)
+    keep, constant = _layout(rows, cells, show_paper=why_not is None)
+    if lines and lines[-1] == "":
+        lines.pop()  # the notes below continue the header's list
+    if why_not is not None:
+        lines.append(f"- **paper %:** not shown: {why_not}. The papers' numbers are in `{profile}.csv` "
+                     "(`paper_accuracy_pct`) and REFERENCE.md.")
+    if constant:
+        lines.append("- **Same for every row:** " + "; ".join(
+            f"{k}: {v}" + (" (not measured: no record, or too few shared seeds)" if v == "–" else "")
+            for k, v in constant.items()))
+    pretrained = _unique(f"{stage} {(r.get('config') or {}).get(stage, {}).get('arch')} from {w}"
+                         for r in records for stage in ("teacher", "student")
+                         if (w := ((r.get("config") or {}).get(stage) or {}).get("pretrained")))
+    if pretrained:
+        lines.append("- **Pretrained:** " + "; ".join(pretrained) + " (torchvision weights): these are NOT "
+                     "from-scratch results")
     lines.append("")
+    lines += _group_tables(rows, cells, keep)
+    lines += _orderings_lines(records)
     if plot_files:
         lines.append("## Plots")
         lines.append("")
@@ -326,18 +537,27 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     _write_text(md, "\n".join(lines))
     written.append(md)
 
-    # csv: numbers, not display strings
+    # csv: numbers, not display strings; accuracies and differences in percent, p-values Holm-corrected
     csv_rows = []
     for row in rows:
+        diff = row.get("diff_vs_student_ce") or {}
         csv_rows.append({
-            "method": row["method"], "variant": row["variant"], "config_diff": variant_cell(row),
-            "reference_row": row["reference_row"], "teacher_access": row["teacher_access"],
-            "data": row["data"], "student_accuracy_pct_mean": _round(100 * row["student_mean"]),
-            "student_accuracy_pct_std": _round(100 * row["student_std"]), "n_seeds": row["n"],
+            "method": row["method"], "n": row["n"], "mean": _round(100 * row["student_mean"]),
+            "std": _round(100 * row["student_std"]), "ci95_low": _round(100 * row["ci95_low"]),
+            "ci95_high": _round(100 * row["ci95_high"]), "p_vs_student_ce": _round(row.get("p_vs_student_ce"), 6),
+            "p_vs_label_smoothing": _round(row.get("p_vs_label_smoothing"), 6),
+            "diff_vs_student_ce": _round(100 * diff["mean_diff"]) if diff.get("n_pairs") else None,
+            "diff_ci95_low": _round(100 * diff["ci95_low"]) if diff.get("n_pairs") else None,
+            "diff_ci95_high": _round(100 * diff["ci95_high"]) if diff.get("n_pairs") else None,
+            "test": "paired t-test (scipy.stats.ttest_rel), Holm over each control's family",
+            "variant": row["variant"], "config_diff": variant_cell(row),
+            "reference_row": row["reference_row"], "teacher_access": row["teacher_access"], "data": row["data"],
             "seeds": " ".join(map(str, row["seeds"])), "paper_accuracy_pct": row["paper"],
+            "paper_comparable": why_not is None,
             "queries_per_sample": _round(row["queries_per_sample"]), "wall_seconds": _round(row["wall_seconds"]),
             "accuracy_kind": row["accuracy_kind"], "teacher_accuracy_pct_mean": _round(100 * row["teacher_mean"]),
-            "teacher_checkpoints": " ".join(row["teacher_checkpoints"]),
+            "teacher_checkpoints": " ".join(row["teacher_checkpoints"]), "student_arch": row.get("student_arch"),
+            "params": row.get("params"),
             "config_files": " ".join(f"configs/{h}.json" for _, h in sorted(row["config_hashes"].items())),
             "data_source": row["data_source"], "profile": profile, "dataset": dataset,
         })
@@ -345,16 +565,20 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     _write_text(csv, pd.DataFrame(csv_rows).to_csv(index=False))
     written.append(csv)
 
-    # latex
-    tex_rows = [[_latex_escape(c) for c in r] for r in _display_rows(rows, links=False)]
-    columns = _columns(rows)
-    acc_cols = [i for i, c in enumerate(columns) if c.startswith(("student acc.", "teacher acc."))]
-    for r in tex_rows:
-        for i in acc_cols:
-            r[i] = r[i].replace("±", r"$\pm$")
-    frame = pd.DataFrame(tex_rows, columns=[_latex_escape(c).replace("±", r"$\pm$") for c in columns])
-    caption = (f"{dataset}, profile {profile}: student test accuracy (\\%, mean $\\pm$ std over "
-               f"{len({int(r['seed']) for r in records})} seed(s)), generated from records by db3kd leaderboard.")
+    # latex: one flat table (the group columns kept unless constant)
+    tex_cells = _display_rows(rows, links=False)
+    tex_rows = [[_latex_escape(c).replace("±", r"$\pm$").replace("Δ", r"$\Delta$") for c in r]
+                for r in _select(tex_cells, keep)]
+    frame = pd.DataFrame(tex_rows, columns=[_latex_escape(c).replace("Δ", r"$\Delta$") for c in keep])
+    n_max = max((row["n"] for row in rows), default=0)
+    spread = ("mean $\\pm$ sample std [95\\% t interval] where a method has 2 or more seeds" if n_max > 1
+              else "1 seed per method, no spread")
+    caption = (f"{dataset}, profile {profile}: student test accuracy (\\%, {spread}), generated from records by "
+               f"db3kd leaderboard.")
+    if constant:
+        caption += " Same for every row: " + _latex_escape("; ".join(f"{k}: {v}" for k, v in constant.items())) + "."
+    if why_not is not None:
+        caption += " Not comparable with the paper's numbers: " + _latex_escape(why_not) + "."
     if any(r.get("data_source", "official") != "official" for r in records):
         caption += " SYNTHETIC DATA: not comparable with published numbers."
     tex = out_dir / f"{profile}.tex"
@@ -363,7 +587,7 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     return written + plot_files
 
 
-def _round(v: float, digits: int = 4):
+def _round(v: float | None, digits: int = 4):
     return None if v is None or not math.isfinite(v) else round(float(v), digits)
 
 

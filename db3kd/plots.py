@@ -7,11 +7,15 @@
 * :func:`class_distance_heatmap` -- mean minimal boundary distance between classes, from
   DB3KD-MBD's ``tables["class_distance"]`` averaged over seeds (paper Fig. 5): row m, column n is
   the mean distance from a sample of class m to the teacher's boundary with class n.
+* :func:`forest_plot` -- each method's mean paired difference to ``student-ce`` (percentage points)
+  with its 95% t interval over shared seeds (:mod:`db3kd.stats`); a method with one shared seed
+  is drawn as a hollow point marked "1 seed, no interval".
 * :func:`distance_vs_queries` -- mean minimal boundary distance versus queries per pair for
   several MBD estimators (the perf benchmark's Sign-OPT comparison).
 
 :func:`write_plots` writes the first two beside the leaderboard:
-``results/<dataset>/<profile>-accuracy-vs-queries.png`` and ``<profile>-mbd-heatmap.png``.
+``results/<dataset>/<profile>-accuracy-vs-queries.png`` and ``<profile>-mbd-heatmap.png``, and the
+forest plot as ``<profile>-forest.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "distance_vs_queries", "write_plots", "plot_paths"]
+__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "forest_plot", "distance_vs_queries", "write_plots",
+           "plot_paths"]
 
 MBD = "db3kd-mbd"
 
@@ -57,7 +62,7 @@ def _title_suffix(records: list[dict]) -> str:
 def plot_paths(out_dir: str | os.PathLike, profile: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {"accuracy_vs_queries": out_dir / f"{profile}-accuracy-vs-queries.png",
-            "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png"}
+            "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png", "forest": out_dir / f"{profile}-forest.png"}
 
 
 def _budget(record: dict) -> int | None:
@@ -109,8 +114,10 @@ def accuracy_vs_queries(records: Iterable[dict], path: str | os.PathLike, *, met
     for seed, pts in sorted(per_seed):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="tab:blue", alpha=0.3, ms=4, zorder=2)
-    ax.errorbar(xs, means, yerr=stds, fmt="-o", color="tab:blue", lw=2, ms=6, capsize=4, zorder=3,
-                label=f"{method} (mean ± std over seeds)")
+    n_seeds = len(per_seed)
+    spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed, no spread"
+    ax.errorbar(xs, means, yerr=stds if n_seeds > 1 else None, fmt="-o", color="tab:blue", lw=2, ms=6, capsize=4,
+                zorder=3, label=f"{method} ({spread})")
     # reference lines: teacher and the other methods of the same dataset/profile
     teacher = [float(r["teacher_accuracy"]) for r in records if r.get("teacher_accuracy") is not None]
     lines = []
@@ -201,21 +208,71 @@ def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, 
 
 
 def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: str) -> list[Path]:
-    """Write both plots of one (dataset, profile) into ``out_dir``; returns the paths written.
+    """Write the plots of one (dataset, profile) into ``out_dir``; returns the paths written.
 
-    A plot whose data is absent (no db3kd-mbd record) is not written, and a stale file of that
+    A plot whose data is absent (no db3kd-mbd record; no student-ce record for the forest plot) is not written, and a stale file of that
     name is removed so the folder always matches the records.
     """
     records = list(records)
     paths = plot_paths(out_dir, profile)
     written = []
-    for key, fn in (("accuracy_vs_queries", accuracy_vs_queries), ("mbd_heatmap", class_distance_heatmap)):
+    for key, fn in (("accuracy_vs_queries", accuracy_vs_queries), ("mbd_heatmap", class_distance_heatmap),
+                    ("forest", forest_plot)):
         p = fn(records, paths[key])
         if p is not None:
             written.append(p)
         elif paths[key].exists():
             paths[key].unlink()
     return written
+
+
+def forest_plot(records: Iterable[dict], path: str | os.PathLike, *, control: str = "student-ce") -> Path | None:
+    """Forest plot of every method's difference to ``control`` (points of test accuracy); PNG path or None.
+
+    Per method: the mean of (method - control) over the seeds both have, with the 95% t interval of
+    that mean (:func:`db3kd.stats.paired_test`); filled marker when the Holm-corrected two-sided p
+    is below :data:`db3kd.stats.ALPHA`. One shared seed: a hollow point and "1 seed, no interval".
+    None when ``control`` has no record or no other method shares a seed with it.
+    """
+    from db3kd import stats
+
+    from db3kd.records import record_variant
+
+    records = [r for r in records if record_variant(r) == "default"]  # one point per method: its default configuration
+    acc = stats.per_seed(records)
+    if control not in acc:
+        return None
+    key = control.replace("-", "_")
+    compared = stats.compare_methods(acc, controls=(control,))
+    rows = [(m, c[f"diff_vs_{key}"], c[f"p_vs_{key}"]) for m, c in compared.items()
+            if m != control and c.get(f"diff_vs_{key}") and c[f"diff_vs_{key}"]["n_pairs"] > 0]
+    if not rows:
+        return None
+    rows.sort(key=lambda t: t[1]["mean_diff"])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 0.38 * len(rows) + 1.8), dpi=120)
+    for i, (method, d, p) in enumerate(rows):
+        x = 100.0 * d["mean_diff"]
+        if d["n_pairs"] >= 2 and math.isfinite(d["ci95_low"]):
+            lo, hi = 100.0 * d["ci95_low"], 100.0 * d["ci95_high"]
+            sig = math.isfinite(p) and p < stats.ALPHA
+            ax.errorbar([x], [i], xerr=[[x - lo], [hi - x]], fmt="o", color="tab:blue" if sig else "0.35",
+                        capsize=3, ms=5)
+            label = f"{method} (n={d['n_pairs']}, p={p:.3g})" if math.isfinite(p) else f"{method} (n={d['n_pairs']})"
+        else:
+            ax.plot([x], [i], "o", mfc="none", color="0.35", ms=5)
+            label = f"{method} (1 seed, no interval)"
+        rows[i] = (label, d, p)
+    ax.axvline(0.0, color="black", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.set_xlabel(f"test accuracy minus {control} (percentage points), paired over seeds, 95% t interval")
+    max_n = max(r[1]["n_pairs"] for r in rows)
+    note = (f"{stats.TEST_NAME}; blue: corrected p < {stats.ALPHA}" if max_n >= 2
+            else "1 seed per method: single differences, no intervals, no tests")
+    ax.set_title(f"difference to {control} ({_title_suffix(records)})\n{note}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
 
 
 def distance_vs_queries(curves: dict[str, dict[int, float]], path: str | os.PathLike, *, title: str = "",

@@ -67,6 +67,9 @@ class MethodParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     profile_overrides: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: What :mod:`db3kd.tuning` may tune besides the student recipe: {field: spec}, e.g.
+    #: ``{"tau": ("float", 0.1, 20.0, "log"), "tau_squared": ("categorical", (False, True))}``.
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     @classmethod
     def for_profile(cls, profile: str, dataset: str, overrides: dict[str, Any] | None = None) -> "MethodParams":

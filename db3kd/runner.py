@@ -225,7 +225,7 @@ def run(
         for text in teacher_warnings:
             warnings.warn(text, TeacherWarning, stacklevel=2)
     else:
-        trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)
+        trained = get_teacher(splits, config.teacher, seed=config.teacher_seed, device=dev, progress=progress, log=log)
         teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
         teacher_checkpoint = trained.checkpoint
 
@@ -251,6 +251,7 @@ def run(
         val_x=splits.val_x, val_y=splits.val_y, num_classes=splits.num_classes, teacher=teacher_view, device=dev,
         workdir=workdir, log=log, progress=progress, evaluate_milestone=evaluate_milestone, resumable=run_dir is not None,
         executor=executor.bind(teacher_spec, workdir / LEDGER_DIR),
+        teacher_checkpoint=teacher_checkpoint,
     )
     seed_everything(config.seed)
     output = method_cls(params).run(ctx)
@@ -278,6 +279,7 @@ def run(
         "config_hash": config.config_hash(),
         "teacher_hash": teacher_hash,
         "teacher_checkpoint": teacher_checkpoint,
+        "teacher_seed": None if config.teacher_file else config.teacher_seed,
         "teacher_arch": "user-file" if config.teacher_file else config.teacher.arch,
         "teacher_file": config.teacher_file,
         "teacher_sha256": manifest["teacher_sha256"],

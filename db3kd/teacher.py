@@ -1,7 +1,9 @@
 """Teachers: trained with cross-entropy and cached on disk, or a user's own exported model.
 
 A built-in teacher is cached under a key hashing everything that determines it: its stage
-configuration, the data fingerprint, the seed and the library version (:func:`teacher_key`). A
+configuration, the data fingerprint, its own seed (``RunConfig.teacher_seed``, default 0, not the
+run seed: one teacher per (dataset, profile) is shared by every method and student seed) and the
+library version (:func:`teacher_key`). A
 second run with the same key loads the checkpoint instead of training; parallel workers share the
 cache under a file lock, so a teacher is never trained twice. Checkpoints are state dicts written
 atomically (temporary file, then rename) and loaded with ``weights_only=True``.
@@ -77,6 +79,7 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
                 log=None) -> TrainedTeacher:
     """Train (or load from cache) the teacher ``stage.arch`` on ``splits`` with cross-entropy.
 
+    seed: the teacher's own seed (``RunConfig.teacher_seed``), never the student's run seed.
     splits: :class:`db3kd.data.DataSplits`; stage: :class:`db3kd.config.StageConfig`. The teacher
     is trained on ``stage.train_subset`` training images (all when None), selected with the
     validation split held out. Returns :class:`TrainedTeacher`.
@@ -94,6 +97,10 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
     with FileLock(str(path) + ".lock"):
         seed_everything(seed)
         model = get_model(stage.arch, num_classes=splits.num_classes, in_channels=c, image_size=h)
+        if getattr(stage, "pretrained", None) and not path.exists():
+            from db3kd.pretrained import load_pretrained
+
+            load_pretrained(model, stage.arch, stage.pretrained)
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(ckpt["state_dict"])

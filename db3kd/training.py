@@ -27,7 +27,9 @@ class TrainConfig:
     epochs: passes over the data; batch_size: images per step; lr: learning rate; optimizer:
     ``adam`` or ``sgd``; weight_decay, momentum (sgd); lr_milestones: epochs at which the lr is
     multiplied by lr_gamma; augment: ``none``, ``crop`` (random shift by up to 2 pixels, for
-    digits) or ``crop_flip`` (random crop with 4-pixel padding and horizontal flip, the CIFAR recipe).
+    digits) or ``crop_flip`` (random crop with 4-pixel padding and horizontal flip, the CIFAR recipe);
+    schedule: ``none`` or ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR`` with peak ``lr``,
+    stepped after every optimiser step over ``epochs * ceil(N / batch_size)`` steps).
     """
 
     epochs: int = 10
@@ -39,6 +41,7 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = field(default_factory=tuple)
     lr_gamma: float = 0.1
     augment: Literal["none", "crop", "crop_flip"] = "none"
+    schedule: Literal["none", "onecycle"] = "none"
 
 
 def seed_everything(seed: int) -> None:
@@ -105,8 +108,13 @@ def fit(
     model.to(device)
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma) if cfg.lr_milestones else None
     n = x.shape[0]
+    per_batch = cfg.schedule == "onecycle"
+    if per_batch:
+        steps = cfg.epochs * max(1, -(-n // cfg.batch_size))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma) if cfg.lr_milestones else None
     history: list[dict] = []
     first = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -134,9 +142,11 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if per_batch:
+                sched.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
-        if sched is not None:
+        if sched is not None and not per_batch:
             sched.step()
         row = {"epoch": epoch, "train_loss": total / max(count, 1)}
         if val is not None:

@@ -60,6 +60,20 @@ def _md_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
+def _md_table(md: str) -> tuple[list[str], list[list[str]]]:
+    """(header of the last table, rows of every markdown table in order, as dicts would be ambiguous)."""
+    header, rows, lines = None, [], md.splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not lines[i - 1].startswith("|"):
+            header = cells
+        elif not set(lines[i].replace("|", "").strip()) <= {"-", ":"}:
+            rows.append(dict(zip(header, cells)))
+    return header, rows
+
+
 def test_record_layout_and_json_safety(tmp_path):
     r = make_record("db3kd-mbd", 3, float("nan"))
     r["tables"] = {"class_distance": [[float("nan"), 1.0], [float("inf"), 2.0]]}
@@ -79,36 +93,46 @@ def test_tables_order_mean_std_paper_and_configs(results):
     for name in ("smoke.md", "smoke.csv", "smoke.tex", "smoke-accuracy-vs-queries.png", "smoke-mbd-heatmap.png"):
         assert out / name in written and (out / name).is_file(), name
     md = (out / "smoke.md").read_text()
-    rows = _md_rows(md)
-    assert [r[0] for r in rows] == ["teacher-row (reference)", "best-method", "db3kd-mbd", "weak"]
-    by_method = {r[0].split()[0]: r for r in rows}
-    assert by_method["db3kd-mbd"][3] == "82.00 ± 2.00 (n=3)"
-    assert by_method["best-method"][3] == "91.00 ± 1.41 (n=2)"
-    assert by_method["weak"][3] == "50.00 (n=1)"
-    assert by_method["best-method"][4] == "91.50"  # paper column from the record
-    assert by_method["db3kd-mbd"][4] == "99.52"  # ... or from the registry (db3kd-mbd's paper MNIST number)
-    assert by_method["weak"][4] == "–"
-    assert by_method["db3kd-mbd"][5] == "901.0"  # mean queries per sample
-    assert by_method["db3kd-mbd"][7] == "final"
+    header, rows = _md_table(md)
+    col = set(header)
+    assert [r["method"] for r in rows] == ["teacher-row (reference)", "best-method", "db3kd-mbd", "weak"]
+    by_method = {r["method"].split()[0]: r for r in rows}
+    acc = "student acc. %"
+    half = 4.302652729749464 * 2.0 / math.sqrt(3)  # t_{0.975, 2} * std / sqrt(n), in points
+    assert by_method["db3kd-mbd"][acc] == f"82.00 ± 2.00 [{82 - half:.2f}, {82 + half:.2f}] (n=3)"
+    assert by_method["best-method"][acc].startswith("91.00 ± 1.41 [")
+    assert by_method["weak"][acc] == "50.00 (1 seed)"
+    # smoke is not the paper's setting: no paper column, a note saying why
+    assert "paper %" not in col and "**paper %:** not shown: profile `smoke`" in md
+    assert by_method["db3kd-mbd"]["teacher queries / sample"] == "901.0"  # mean queries per sample
+    # constant columns move into the header: every record is labels / full / final
+    assert "accuracy kind" not in col and "teacher access" not in col
+    assert "**Same for every row:**" in md and "accuracy kind: final" in md
+    assert "### teacher labels (top-1) · full training data" in md
     # provenance header: command, profile, seeds, machine
     assert "pytest benchmarks -m mnist --profile smoke" in md
     assert "**Profile:** `smoke`" in md and "**Seeds:** 0, 1, 2" in md and "Linux x86_64, 2 CPUs" in md
     # every config link points to a committed config file with the exact config
-    links = [c for r in rows for c in r[10].split()]
+    links = [c for r in rows for c in r["config"].split()]
     assert len(links) == 7
     for link in links:
         target = link[link.index("(") + 1 : -1]
         assert (out / target).is_file(), target
     cfg = json.loads((out / "configs" / f"{rec.load_records(results, 'mnist', 'smoke')[0]['config_hash']}.json").read_text())
     assert cfg["profile"] == "smoke" and "method_params" in cfg
-    # csv: numbers
+    # csv: numbers, the statistics columns first
     with open(out / "smoke.csv") as f:
-        table = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        table = list(reader)
+    assert reader.fieldnames[:8] == ["method", "n", "mean", "std", "ci95_low", "ci95_high", "p_vs_student_ce",
+                                     "p_vs_label_smoothing"]
     assert [t["method"] for t in table] == ["teacher-row", "best-method", "db3kd-mbd", "weak"]
-    assert math.isclose(float(table[2]["student_accuracy_pct_mean"]), 82.0)
-    assert math.isclose(float(table[2]["student_accuracy_pct_std"]), 2.0)
+    assert math.isclose(float(table[2]["mean"]), 82.0) and math.isclose(float(table[2]["std"]), 2.0)
+    assert math.isclose(float(table[2]["ci95_low"]), 82 - half, rel_tol=1e-4)
+    assert table[2]["p_vs_student_ce"] == ""  # no student-ce record: no test
+    assert table[2]["paper_accuracy_pct"] == "99.52"  # the paper's number stays in the csv
     tex = (out / "smoke.tex").read_text()
-    assert r"\begin{tabular}" in tex and r"82.00 $\pm$ 2.00 (n=3)" in tex and "teacher-row (reference)" in tex
+    assert r"\begin{tabular}" in tex and r"82.00 $\pm$ 2.00 [" in tex and "teacher-row (reference)" in tex
 
 
 def test_tables_are_regenerated_from_records_only(results, tmp_path):
@@ -251,7 +275,9 @@ def test_two_variants_of_one_method_are_two_rows_saying_what_differs(tmp_path):
         ("db3kd-mbd", f"{ablation.variant}: student.epochs=5, tau=0.5"),
         ("db3kd-mbd", "tau05: student.epochs=5, tau=0.5"),
     ]
-    assert [r[4] for r in rows] == ["80.00 (n=1)", "71.00 ± 1.41 (n=2)", "60.00 (n=1)"]
+    acc = [c.strip() for c in header.strip("|").split("|")].index("student acc. %")
+    # n = 2: 71.00 +- t_{0.975, 1} * 1.41 / sqrt 2 = 71.00 +- 12.71
+    assert [r[acc] for r in rows] == ["80.00 (1 seed)", "71.00 ± 1.41 [58.29, 83.71] (n=2)", "60.00 (1 seed)"]
     with open(root / "mnist" / "smoke.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["variant"] for t in table] == ["default", ablation.variant, "tau05"]

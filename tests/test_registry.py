@@ -96,7 +96,8 @@ def test_methods_json(capsys):
     assert mbd["profile_overrides"]["smoke"]["budget"] == 120
     access = {row["name"]: row["access"] for row in table}
     assert access["standard-kd"] == "scores" and access["hard-label-kd"] == "labels"
-    assert all(access[n] == "none" for n in BASELINES if n not in ("standard-kd", "hard-label-kd"))
+    assert access["teacher-ce"] == "white_box"  # the row is the shared teacher itself
+    assert all(access[n] == "none" for n in BASELINES if n not in ("standard-kd", "hard-label-kd", "teacher-ce"))
 
 
 # ------------------------------------------------------------------------------------------- access enforcement

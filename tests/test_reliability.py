@@ -20,7 +20,8 @@ from db3kd import ConfigError, DatasetNotFoundError, DB3KDError, HardLabelOracle
 from db3kd.cli import main
 from tests.conftest import shared_data_or_skip
 
-SMOKE = ["run", "--profile", "smoke", "--method", "db3kd-bd", "--json", "--no-progress"]
+# label_cache=false: every run measures its robustness (the kill points below are in that stage)
+SMOKE = ["run", "--profile", "smoke", "--method", "db3kd-bd", "--json", "--no-progress", "--set", "label_cache=false"]
 
 
 def _cli(args, env, cwd):
