@@ -107,7 +107,7 @@ _RESNET_PAPER = dict(epochs=200, batch_size=128, lr=0.1, optimizer="sgd", weight
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "*": {"teacher": _LENET_TEACHER_PAPER, "student": dict(epochs=100, batch_size=512, lr=5e-3),
-              "oracle_batch": 4096},
+              "oracle_batch": "auto"},
         "digits": {"teacher": dict(epochs=100, batch_size=64, lr=1e-3)},
         "cifar10": {"teacher": _ALEXNET_TEACHER_PAPER},
         "cifar100": {"teacher": _RESNET_PAPER, "student": _RESNET_PAPER},
@@ -115,7 +115,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {
         "*": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
-              "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=2000), "oracle_batch": 256},
+              "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=2000), "oracle_batch": "auto"},
         "digits": {"teacher": dict(epochs=30, batch_size=64, lr=1e-3),
                    "student": dict(epochs=40, batch_size=64, lr=5e-3, train_subset=None)},
         "cifar10": {"teacher": dict(epochs=5, batch_size=128, lr=1e-3, train_subset=10000),
@@ -152,7 +152,7 @@ class RunConfig:
     teacher: StageConfig
     student: StageConfig
     method_params: dict[str, Any]
-    oracle_batch: int = 4096
+    oracle_batch: int | str = "auto"  # images per teacher forward; "auto": measured per device and model (db3kd.layout)
     teacher_file: str | None = None  # a user's TorchScript / torch.export teacher replaces the built-in one
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
@@ -216,6 +216,6 @@ def resolve(
     return RunConfig(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
         image_size=merged.get("image_size", spec.image_size), teacher=teacher, student=student,
-        method_params=params.model_dump(), oracle_batch=merged.get("oracle_batch", 4096), teacher_file=teacher_file,
+        method_params=params.model_dump(), oracle_batch=merged.get("oracle_batch", "auto"), teacher_file=teacher_file,
         query_budget=query_budget,
     )

@@ -32,17 +32,20 @@ def select_subset(y: torch.Tensor, k: int | None, *, seed: int = 0) -> torch.Ten
 
 
 def teacher_access_for(access: str, model, config: RunConfig, image_shape, device):
-    """What a method with ``access`` receives: None, a label oracle, a score oracle or the module."""
+    """What a method with ``access`` receives: None, a label oracle, a score oracle or the module.
+
+    The oracles' batch size is ``config.oracle_batch``, or measured for (device, model) when it is
+    ``"auto"`` (:func:`db3kd.layout.resolve_oracle_batch`).
+    """
+    from db3kd.layout import resolve_oracle_batch
     from db3kd.oracle import HardLabelOracle, ScoreOracle
 
     if access == "none":
         return None
-    if access == "labels":
-        return HardLabelOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                               input_shape=image_shape)
-    if access == "scores":
-        return ScoreOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                           input_shape=image_shape)
+    if access in ("labels", "scores"):
+        batch = resolve_oracle_batch(config.oracle_batch, model, image_shape, device)
+        cls = HardLabelOracle if access == "labels" else ScoreOracle
+        return cls(model, budget=config.query_budget, batch_size=batch, device=device, input_shape=image_shape)
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -102,7 +105,11 @@ def run(
         teacher_checkpoint = teacher_hash  # the file's own SHA-256 prefix
         from db3kd.oracle import HardLabelOracle
 
-        judge = HardLabelOracle(teacher_model, batch_size=config.oracle_batch, device=dev, input_shape=image_shape)
+        from db3kd.layout import resolve_oracle_batch
+
+        judge = HardLabelOracle(teacher_model, batch_size=resolve_oracle_batch(config.oracle_batch, teacher_model,
+                                                                               image_shape, dev),
+                                device=dev, input_shape=image_shape)
         try:
             pred = judge(splits.test_x.float().div(255.0))
         except (RuntimeError, TypeError, IndexError) as exc:
@@ -159,6 +166,7 @@ def run(
         "artifacts": output.artifacts,
         "tables": output.tables,
         "device": str(dev),
+        "oracle_batch": getattr(teacher_view, "batch_size", None),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "workdir": str(workdir),
         "config": config.to_dict(),
