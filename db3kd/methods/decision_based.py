@@ -210,6 +210,10 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
     def after_training(self, ctx, result, output) -> None:
         """Students trained on the distances recorded at each query milestone (paper Fig. 4)."""
         output.metrics["queries_per_pair_mean"] = float(result.queries[torch.isfinite(result.distances)].float().mean())
+        # queries per training sample a run stopped at each milestone would have spent (frontier plot)
+        n, shared = max(int(result.queries.shape[0]), 1), result.total_queries - int(result.queries.sum())
+        output.tables["milestone_queries_per_sample"] = {
+            str(int(m)): (shared + int(result.queries.clamp(max=int(m)).sum())) / n for m in (result.milestones or [])}
         if not self.params.milestone_students or result.distances_at is None or ctx.evaluate_milestone is None:
             return
         for k, milestone in enumerate(result.milestones):
