@@ -130,6 +130,22 @@ def test_resumed_run_reuses_the_votes_and_counts_them_once(splits, tmp_path):
     assert again["queries_total"] == first["queries_total"] and again["student_accuracy"] == first["student_accuracy"]
 
 
+def test_spent_budget_loses_no_vote_and_the_rerun_matches(splits, tmp_path):
+    from db3kd.errors import QueryBudgetExceeded
+
+    cfg = replace(_config(), method_params={**_config().method_params, "chunk_size": 8})
+    whole = run(cfg, splits=splits)
+    budgeted = replace(cfg, query_budget=whole["queries_total"] // 2)
+    with pytest.raises(QueryBudgetExceeded):
+        run(budgeted, splits=splits, run_dir=tmp_path)
+    assert any((tmp_path / budgeted.config_hash() / "checkpoints" / "votes").iterdir())  # finished chunks kept
+    # the budget is part of the configuration hash: hand the interrupted folder to the unbudgeted run
+    (tmp_path / budgeted.config_hash()).rename(tmp_path / cfg.config_hash())
+    again = run(cfg, splits=splits, run_dir=tmp_path)
+    assert again["queries_total"] == whole["queries_total"]
+    assert again["student_accuracy"] == whole["student_accuracy"] and again["metrics"] == whole["metrics"]
+
+
 def test_bad_params_are_one_line_errors():
     with pytest.raises(ConfigError, match="sigma_grid"):
         resolve("digits", "vote-kd", "smoke", method_overrides={"sigma_grid": (0.1, -0.2)})

@@ -30,6 +30,10 @@ one student per ``milestones`` value (the accuracy-versus-queries frontier) at n
 Queries: exactly ``K`` per training image plus ``calibration_images * K * len(sigma_grid)``
 (``* 1`` with a fixed sigma; 0 with fixed sigma and tau).
 
+Resumable: in a resumable run every finished chunk of votes is saved in the run directory and
+reloaded by a rerun (a spent ``--query-budget`` or a kill loses no answered query); reloaded
+queries are reported as resumed, so the record's total is the same as an uninterrupted run's.
+
 Random streams: ``z_{i, .}`` comes from a generator seeded by a 63-bit BLAKE2 hash of
 (method, stream, run seed, sample index), stream ``train`` or ``val``: independent of the chunk
 size and of batch-mates, disjoint from every other stream by construction.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -164,13 +169,16 @@ def perturbation_noise(seed: int, stream: str, indices: torch.Tensor, votes: int
 
 
 def vote_counts(oracle, x: torch.Tensor, indices: torch.Tensor, *, sigmas, votes: int, milestones, num_classes: int,
-                seed: int, stream: str, chunk_size: int = 256) -> torch.Tensor:
+                seed: int, stream: str, chunk_size: int = 256, checkpoint_dir=None) -> torch.Tensor:
     """Vote counts of every image of ``x`` under each sigma, at each milestone.
 
-    oracle: a HardLabelOracle (``len(sigmas) * len(x) * votes`` queries, exactly); x: uint8 or float
-    (N, C, H, W) in [0, 1]; indices: int64 (N,) the images' sample indices (keys of their noise
-    streams); sigmas: per-pixel noise std values; milestones: vote counts k <= votes at which the
-    counts of the first k votes are kept. Returns int64 (len(sigmas), len(milestones), N, L).
+    oracle: a HardLabelOracle (``len(sigmas) * len(x) * votes`` queries, exactly, less those of chunks
+    reloaded from ``checkpoint_dir``); x: uint8 or float (N, C, H, W) in [0, 1]; indices: int64 (N,)
+    the images' sample indices (keys of their noise streams); sigmas: per-pixel noise std values;
+    milestones: vote counts k <= votes at which the counts of the first k votes are kept.
+    checkpoint_dir: a folder where each finished chunk is saved atomically (and reloaded instead of
+    asked again), so an interrupted run or a spent query budget loses no answered query.
+    Returns int64 (len(sigmas), len(milestones), N, L).
     """
     milestones = list(milestones)
     if not milestones or max(milestones) > votes or min(milestones) < 1:
@@ -182,6 +190,11 @@ def vote_counts(oracle, x: torch.Tensor, indices: torch.Tensor, *, sigmas, votes
     at = torch.tensor(milestones) - 1
     device = getattr(oracle, "device", torch.device("cpu"))
     for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        saved = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{stream}-{start}-{stop}.pt"
+        if saved is not None and saved.exists():
+            out[:, :, start:stop] = torch.load(saved, map_location="cpu", weights_only=True)
+            continue
         xb = x[start : start + chunk_size].to(device)
         xb = xb.float().div(255.0) if xb.dtype == torch.uint8 else xb.float()
         z = perturbation_noise(seed, stream, indices[start : start + chunk_size], votes, shape, device)
@@ -190,6 +203,10 @@ def vote_counts(oracle, x: torch.Tensor, indices: torch.Tensor, *, sigmas, votes
             labels = oracle(probes).view(len(xb), votes)
             cum = torch.nn.functional.one_hot(labels, num_classes).cumsum(1)  # (B, K, L)
             out[s, :, start : start + len(xb)] = cum[:, at.to(cum.device)].transpose(0, 1).cpu()
+        if saved is not None:
+            from db3kd.training import atomic_save
+
+            atomic_save(out[:, :, start:stop].clone(), saved)
     return out
 
 
@@ -210,7 +227,8 @@ class VoteKD(Method):
     def calibrate(self, ctx: MethodContext, milestones: tuple[int, ...]) -> dict:
         """Choose sigma and one tau per milestone on the validation split (see the module docstring).
 
-        Returns {"sigma", "taus" (one per milestone), "queries", "table" (one row per sigma tried)}.
+        Returns {"sigma", "taus" (one per milestone), "queries" (the calibration's exact cost, whether asked
+        now or reloaded from an interrupted run), "table" (one row per sigma tried)}.
         """
         p = self.params
         sigmas = [p.sigma] if p.sigma is not None else list(p.sigma_grid)
@@ -222,9 +240,9 @@ class VoteKD(Method):
                              "set both sigma and tau to run without it")
         gen = torch.Generator().manual_seed(stream_seed(ctx.seed, "calibration-subset", 0))
         idx = torch.randperm(n_val, generator=gen)[: p.calibration_images].sort().values
-        before = ctx.teacher.queries
         counts = vote_counts(ctx.teacher, ctx.val_x[idx], idx, sigmas=sigmas, votes=p.votes, milestones=milestones,
-                             num_classes=ctx.num_classes, seed=ctx.seed, stream="val", chunk_size=p.chunk_size)
+                             num_classes=ctx.num_classes, seed=ctx.seed, stream="val", chunk_size=p.chunk_size,
+                             checkpoint_dir=ctx.checkpoint_dir("votes"))
         y = ctx.val_y[idx]
         rows, taus_by_sigma = [], []
         for s, sigma in enumerate(sigmas):
@@ -236,7 +254,7 @@ class VoteKD(Method):
                          "majority_accuracy": float((final.argmax(1) == y).float().mean())})
             taus_by_sigma.append(taus)
         best = min(range(len(sigmas)), key=lambda s: (rows[s]["val_nll"], sigmas[s]))
-        return {"sigma": float(sigmas[best]), "taus": taus_by_sigma[best], "queries": ctx.teacher.queries - before,
+        return {"sigma": float(sigmas[best]), "taus": taus_by_sigma[best], "queries": len(sigmas) * len(idx) * p.votes,
                 "table": rows}
 
     def train_student(self, ctx: MethodContext, targets: torch.Tensor, tau: float, *, desc: str = "student"):
@@ -260,29 +278,23 @@ class VoteKD(Method):
         p = self.params
         milestones = p.vote_milestones()
         n = int(ctx.train_x.shape[0])
-        path = ctx.workdir / "votes.pt" if ctx.resumable else None
-        state = torch.load(path, map_location="cpu", weights_only=True) if path is not None and path.exists() else None
-        resumed = 0
-        if state is not None and tuple(state["counts"].shape) == (len(milestones), n, ctx.num_classes):
-            resumed = int(state["calibration_queries"]) + int(state["vote_queries"])  # paid for by the earlier run
-        else:
-            cal = self.calibrate(ctx, milestones)
-            before = ctx.teacher.queries
-            counts = vote_counts(ctx.teacher, ctx.train_x, torch.arange(n), sigmas=[cal["sigma"]], votes=p.votes,
-                                 milestones=milestones, num_classes=ctx.num_classes, seed=ctx.seed, stream="train",
-                                 chunk_size=p.chunk_size)[0]
-            state = {"counts": counts, "sigma": cal["sigma"], "taus": torch.tensor(cal["taus"], dtype=torch.float64),
-                     "calibration_queries": cal["queries"], "vote_queries": ctx.teacher.queries - before,
-                     "calibration_table": cal["table"]}
-            if path is not None:
-                atomic_save(state, path)
-        counts, taus = state["counts"], [float(t) for t in state["taus"]]
+        before = ctx.teacher.queries
+        cal = self.calibrate(ctx, milestones)
+        counts = vote_counts(ctx.teacher, ctx.train_x, torch.arange(n), sigmas=[cal["sigma"]], votes=p.votes,
+                             milestones=milestones, num_classes=ctx.num_classes, seed=ctx.seed, stream="train",
+                             chunk_size=p.chunk_size, checkpoint_dir=ctx.checkpoint_dir("votes"))[0]
+        # chunks reloaded from an interrupted run were paid for there: count them once, here
+        cal_q, vote_q = int(cal["queries"]), n * p.votes
+        resumed = cal_q + vote_q - (ctx.teacher.queries - before)
+        taus = [float(t) for t in cal["taus"]]
         final = counts[-1]
         targets = vote_soft_labels(final, p.votes, p.alpha, taus[-1])
-        cal_q, vote_q = int(state["calibration_queries"]), int(state["vote_queries"])
+        if ctx.resumable:
+            atomic_save({"counts": counts, "soft_labels": targets, "sigma": cal["sigma"], "taus": torch.tensor(taus)},
+                        ctx.workdir / "votes.pt")
         metrics = {
             **label_statistics(targets, ctx.train_y),
-            "sigma": float(state["sigma"]), "tau": taus[-1], "calibration_queries": float(cal_q),
+            "sigma": float(cal["sigma"]), "tau": taus[-1], "calibration_queries": float(cal_q),
             "vote_queries": float(vote_q),
             "vote_agreement": float(final.gather(1, ctx.train_y.view(-1, 1)).float().mean() / p.votes),
             "teacher_majority_agreement": float((final.argmax(1) == ctx.train_y).float().mean()),
@@ -291,7 +303,7 @@ class VoteKD(Method):
         output = MethodOutput(student=self.train_student(ctx, targets, taus[-1]), metrics=metrics, resumed_queries=resumed)
         # queries per training sample spent by a run stopped at each milestone (calibration included)
         output.tables["milestone_queries_per_sample"] = {str(k): k + cal_q / max(n, 1) for k in milestones}
-        output.tables["sigma_calibration"] = list(state["calibration_table"])
+        output.tables["sigma_calibration"] = cal["table"]
         output.tables["milestone_tau"] = {str(k): t for k, t in zip(milestones, taus)}
         if p.milestone_students and ctx.evaluate_milestone is not None:
             for m, k in enumerate(milestones[:-1]):  # the last milestone is the final student, trained once
