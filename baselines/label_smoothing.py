@@ -27,9 +27,11 @@ SZEGEDY = ("Szegedy, Vanhoucke, Ioffe, Shlens, Wojna, Rethinking the Inception A
 class LabelSmoothingParams(MethodParams):
     """epsilon: mass spread uniformly over all L classes (the true class keeps ``1 - epsilon + epsilon / L``);
     default 0.1 (Szegedy et al. 2016). Search space for tuning on the validation split:
-    ``epsilon`` uniform in [0.0, 0.5]."""
+    ``epsilon`` uniform in [0.0, 0.5] (``search_space``, in :mod:`db3kd.tuning`'s spec format)."""
 
     epsilon: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    search_space: ClassVar[dict[str, tuple]] = {"epsilon": ("float", 0.0, 0.5)}
 
 
 def smoothed_ce(logits: torch.Tensor, y: torch.Tensor, epsilon: float) -> torch.Tensor:

@@ -74,7 +74,8 @@ class VoteKDParams(MethodParams):
     calibration_images: validation images voted on for the calibration.
     w_ce, w_kd, tau_squared: Eq. 1 weights (as :class:`baselines.common.KDParams`).
     chunk_size: training images per oracle call (K images each); results do not depend on it.
-    Search space for tuning on validation: alpha log-uniform [0.1, 10], votes within the profile's cap.
+    Search space for tuning on validation (``search_space``): alpha log-uniform in [0.1, 10], the
+    tau^2 factor on or off (sigma and tau are calibrated on validation by the method itself).
     """
 
     votes: int = Field(default=100, ge=1, le=100_000)
@@ -90,6 +91,8 @@ class VoteKDParams(MethodParams):
     tau_squared: bool = False
     chunk_size: int = Field(default=256, ge=1)
 
+    search_space: ClassVar[dict[str, tuple]] = {"alpha": ("float", 0.1, 10.0, "log"),
+                                                "tau_squared": ("categorical", (False, True))}
     profile_overrides: ClassVar[dict] = {
         "cpu": {"votes": 50, "milestones": (10, 20, 50), "calibration_images": 200, "sigma_grid": (0.05, 0.1, 0.2, 0.4)},
         "smoke": {"votes": 8, "milestones": (4, 8), "milestone_students": False, "calibration_images": 40,
