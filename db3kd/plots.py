@@ -270,7 +270,8 @@ def frontier(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
     method of ``records`` (one dataset and profile), from :func:`frontier_points`: one marker per
     variant, the variants of a method joined in query order, error bars (sample std over seeds)
     where a variant has several seeds; the legend gives each method's seed count ("1 seed" when
-    n = 1). Teacher and student-ce accuracies are horizontal lines. Returns the PNG path, or None
+    n = 1) and, for few-shot or zero-shot methods, the kind of transfer set their per-sample
+    counts refer to. Teacher and student-ce accuracies are horizontal lines. Returns the PNG path, or None
     when no label-only record spent queries."""
     records = list(records)
     points = frontier_points(records)
@@ -288,6 +289,9 @@ def frontier(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
         ns = sorted({p["n"] for _, p in mine})
         seeds = (f"{ns[0]} seed" if ns == [1] else f"mean ± std over {ns[0]} seeds" if len(ns) == 1
                  else f"{ns[0]}-{ns[-1]} seeds per point")
+        data = {str(r.get("data", "full")) for r in records if r.get("method") == method} - {"full"}
+        if data:  # few-shot / zero-shot methods count queries per image of their own transfer set
+            seeds += f"; transfer set: {', '.join(sorted(data))}"
         color, marker = colors[i % len(colors)], markers[i % len(markers)]
         ax.errorbar(xs, [m for m, _ in stats], yerr=[s if p["n"] > 1 else 0.0 for (_, s), (_, p) in zip(stats, mine)],
                     fmt="-" + marker, color=color, lw=1.5, ms=6, capsize=3, label=f"{method} ({seeds})", zorder=3)
