@@ -43,9 +43,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from db3kd.datasets import DATASETS, DatasetSpec, get_dataset
 from db3kd.errors import ConfigError
@@ -134,10 +134,17 @@ class _TopLevel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     image_size: int | None = Field(default=None, ge=1)
-    oracle_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # "auto": measured (db3kd.layout)
+    oracle_batch: int | str = "auto"  # images per teacher forward; "auto": measured per device and model (db3kd.layout)
     teacher_file: str | None = None
     query_budget: int | None = Field(default=None, ge=0)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
+
+    @field_validator("oracle_batch", mode="before")
+    @classmethod
+    def _oracle_batch(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a positive int or 'auto' (measured per device and model)")
 
 
 TOP_LEVEL_KEYS = tuple(_TopLevel.model_fields)
