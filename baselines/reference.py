@@ -41,6 +41,7 @@ class TeacherCE(Method):
     teacher_access = "none"
     data = "full"
     reference_row = True
+    needs_teacher_recipe = True  # the teacher's architecture (and recipe): unknown for a user's teacher file
     Params = TeacherCEParams
     paper_results = {"mnist": 99.33, "fmnist": 91.63, "cifar10": 79.30, "flowers102": 95.07, "cifar100": 78.63}
     objective = staticmethod(ce_objective)

@@ -217,6 +217,8 @@ class SSKD(Method):
     data = "full"
     Params = SSKDParams
     paper_results = {"cifar100": 76.20}  # Wang, ICML 2021, Table 2 (ResNet-18)
+    # teacher_arch="teacher" trains the teacher's architecture: unknown for a user's teacher file
+    needs_teacher_recipe = staticmethod(lambda params: params is not None and params.teacher_arch == "teacher")
 
     def objective(self, s_logits, s_proj, t_logits, t_proj, y):
         """:func:`sskd_loss` with this method's parameters."""

@@ -313,7 +313,7 @@ class ZSKT(Method):
                     row["val_accuracy"] = evaluate(student, ctx.val_x, ctx.val_y, device=dev)
                     student.train()
                     history.append({"iteration": it + 1, **row})
-                    ctx.log({f"zskt/{k}": v for k, v in row.items()}, it + 1)
+                    ctx.log({f"iteration/zskt/{k}": v for k, v in row.items()}, it + 1)  # step = generator iteration
                     running = dict.fromkeys(running, 0.0)
                     count = 0
         finally:

@@ -22,6 +22,8 @@ Settings language (``db3kd run --set KEY=VALUE``, ``--config FILE.yaml``, the ha
 * stage keys ``teacher.<field>`` / ``student.<field>`` (:class:`StageConfig`: ``arch``,
   ``epochs``, ``lr``, ``train_subset`` ...);
 * method parameters, bare (``tau=0.5``) or as ``params.tau``;
+* ``teacher_input.mean`` / ``teacher_input.std``: the input normalisation a user's teacher file
+  expects (:class:`TeacherInput`), applied inside the oracle;
 * ``extra.<key>``: free-form values carried into the config (and its hash).
 
 Values are YAML scalars (``--set lr_milestones=[30,60]``, ``train_subset=null``), validated by
@@ -43,7 +45,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -56,6 +58,7 @@ __all__ = [
     "PROFILE_DEFAULTS",
     "DatasetSpec",
     "StageConfig",
+    "TeacherInput",
     "RunConfig",
     "resolve",
     "validate_model",
@@ -92,7 +95,15 @@ def validate_model(cls: type[BaseModel], values: dict[str, Any], *, where: str =
             key = prefix + (".".join(str(p) for p in err["loc"]) or "<root>")
             value = err.get("input")
             if err["type"] == "extra_forbidden":
-                allowed = ", ".join(prefix + k for k in sorted(cls.model_fields))
+                model, head = cls, ""  # a nested model's own keys (teacher_input.<mean|std>)
+                for part in err["loc"][:-1]:
+                    field_info = model.model_fields.get(str(part))
+                    sub = [a for a in (get_args(field_info.annotation) or (field_info.annotation,))
+                           if isinstance(a, type) and issubclass(a, BaseModel)] if field_info else []
+                    if not sub:
+                        break
+                    model, head = sub[0], f"{head}{part}."
+                allowed = ", ".join(prefix + head + k for k in sorted(model.model_fields))
                 lines.append(f"unknown {where} {key!r} (value {value!r}); allowed keys: {allowed}")
             else:
                 lines.append(f"invalid {where} {key}={value!r}: {err['msg']}")
@@ -129,6 +140,38 @@ class StageConfig(BaseModel):
         )
 
 
+class TeacherInput(BaseModel):
+    """The preprocessing a user's teacher expects, applied inside the oracle: the teacher sees
+    ``(x - mean) / std`` per channel while every distance, query and soft label stays in [0, 1]
+    pixel units. mean, std: one value (all channels) or one per channel; std > 0.
+    E.g. ``--set teacher_input.mean=[0.1307] --set teacher_input.std=[0.3081]`` (torchvision's MNIST)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mean: tuple[float, ...] = Field(default=(0.0,), min_length=1)
+    std: tuple[float, ...] = Field(default=(1.0,), min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std):
+        if any(not (s > 0) or s != s or s == float("inf") for s in std):
+            raise ValueError(f"every std must be a finite number > 0, got {list(std)}")
+        return std
+
+    @field_validator("mean")
+    @classmethod
+    def _finite(cls, mean):
+        if any(m != m or abs(m) == float("inf") for m in mean):
+            raise ValueError(f"every mean must be finite, got {list(mean)}")
+        return mean
+
+    def check_channels(self, channels: int) -> None:
+        """Raise ConfigError unless mean and std have 1 or ``channels`` entries."""
+        for key, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ConfigError(f"invalid teacher_input.{key}={list(values)!r}: needs 1 or {channels} values "
+                                  f"(one per image channel)")
+
+
 class _TopLevel(BaseModel):
     """The settable top-level keys of a run (their rules)."""
 
@@ -138,6 +181,7 @@ class _TopLevel(BaseModel):
     teacher_file: str | None = None
     query_budget: int | None = Field(default=None, ge=0)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    teacher_input: TeacherInput | None = None  # a user's teacher's input normalisation (None: [0, 1] pixels)
 
     @field_validator("oracle_batch", mode="before")
     @classmethod
@@ -195,6 +239,7 @@ class RunConfig:
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher_input: TeacherInput | None = None  # a user's teacher's input normalisation (None: [0, 1] pixels)
     variant_name: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,6 +247,7 @@ class RunConfig:
         d.pop("variant_name")
         d["teacher"] = self.teacher.model_dump()
         d["student"] = self.student.model_dump()
+        d["teacher_input"] = None if self.teacher_input is None else self.teacher_input.model_dump()
         return d
 
     def config_hash(self) -> str:
@@ -352,6 +398,10 @@ def _split(settings: Mapping[str, Any], method: str, params_cls) -> tuple[dict, 
             stages[head][rest] = value
         elif dot and head in ("params", "method_params"):
             params[rest] = value
+        elif dot and head == "teacher_input":
+            if not isinstance(top.get("teacher_input"), dict):
+                top["teacher_input"] = {}
+            top["teacher_input"][rest] = value
         elif dot and head == "extra":
             extra[rest] = value
         elif key in IDENTITY_KEYS or key == "num_classes":
@@ -390,6 +440,7 @@ def resolve(
     teacher_file: str | None = None,
     query_budget: int | None = None,
     variant: str | None = None,
+    teacher_input: Mapping[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve (dataset, method, profile, seed) and settings into a :class:`RunConfig`.
 
@@ -397,7 +448,7 @@ def resolve(
     "tau": 0.5, "val_fraction": 0.2}``; nested sections as :func:`load_config_file` returns them
     are accepted too; ``dataset``/``method``/``profile``/``seed`` keys must equal the arguments,
     ``num_classes`` the dataset's); method_overrides: method parameters only (applied after
-    ``overrides``); teacher_file / query_budget: as the top-level keys, winning over
+    ``overrides``); teacher_file / query_budget / teacher_input: as the top-level keys, winning over
     ``overrides``; variant: the user's name for this configuration (:attr:`RunConfig.variant`).
 
     Raises ConfigError for an unknown dataset, method, profile or key, a negative seed, or a bad
@@ -426,6 +477,8 @@ def resolve(
         top["teacher_file"] = str(teacher_file)
     if query_budget is not None:
         top["query_budget"] = query_budget
+    if teacher_input is not None:
+        top["teacher_input"] = dict(teacher_input) if isinstance(teacher_input, Mapping) else teacher_input
     merged = profile_values(profile, dataset)
     base_top = {"image_size": merged.get("image_size", spec.image_size),
                 "oracle_batch": merged.get("oracle_batch", "auto")}
@@ -439,7 +492,7 @@ def resolve(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
         image_size=run.image_size, teacher=stage_cfg["teacher"], student=stage_cfg["student"],
         method_params=method_params.model_dump(), oracle_batch=run.oracle_batch, teacher_file=run.teacher_file,
-        query_budget=run.query_budget, val_fraction=run.val_fraction, extra=dict(extra),
+        query_budget=run.query_budget, val_fraction=run.val_fraction, extra=dict(extra), teacher_input=run.teacher_input,
     )
     return config.with_variant(variant) if variant is not None else config
 

@@ -20,9 +20,37 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from db3kd.errors import QueryBudgetExceeded
+from db3kd.errors import DB3KDError, QueryBudgetExceeded
 
-__all__ = ["HardLabelOracle", "ScoreOracle", "QueryBudgetExceeded", "as_callable_model"]
+__all__ = ["HardLabelOracle", "ScoreOracle", "QueryBudgetExceeded", "TeacherOutputError", "as_callable_model",
+           "check_teacher_output"]
+
+
+class TeacherOutputError(DB3KDError, ValueError):
+    """The teacher returned something that is not float logits (N, num_classes) with finite values."""
+
+
+def check_teacher_output(out, n: int, num_classes: int, name: str = "teacher") -> None:
+    """Raise :class:`TeacherOutputError` (one line naming ``name`` and what it returned) unless
+    ``out`` is a floating-point tensor of shape (n, num_classes) with finite values."""
+    if not isinstance(out, torch.Tensor):
+        raise TeacherOutputError(f"{name} returned a {type(out).__name__}, not a tensor of logits of shape "
+                                 f"({n}, {num_classes})")
+    if out.dim() != 2 or out.shape[0] != n:
+        raise TeacherOutputError(f"{name} returned shape {tuple(out.shape)} for {n} images; expected logits of shape "
+                                 f"({n}, {num_classes})")
+    if out.shape[1] != num_classes:
+        raise TeacherOutputError(f"{name} returned {out.shape[1]} logits per image, but the dataset has {num_classes} "
+                                 f"classes (output shape {tuple(out.shape)})")
+    if not out.is_floating_point():
+        raise TeacherOutputError(f"{name} returned {out.dtype} outputs; the oracle needs floating-point logits "
+                                 f"(e.g. {out.flatten()[:3].tolist()} ...)")
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        kinds = ", ".join(k for k, m in (("NaN", torch.isnan(out)), ("inf", torch.isinf(out))) if bool(m.any()))
+        raise TeacherOutputError(f"{name} returned non-finite logits ({kinds} in {bad} of {out.numel()} values for "
+                                 f"{n} images)")
 
 
 def as_callable_model(model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -77,6 +105,10 @@ class _Oracle:
         batch_size: int = 4096,
         device: str | torch.device = "cpu",
         input_shape: Sequence[int] | None = None,
+        *,
+        num_classes: int | None = None,
+        input_norm: tuple[Sequence[float], Sequence[float]] | None = None,
+        name: str = "teacher",
     ):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             raise ValueError(f"budget must be None or a non-negative int, got {budget!r}")
@@ -91,9 +123,19 @@ class _Oracle:
         if isinstance(forward, nn.Module):
             forward.to(self._device)
         answer = self._answer_fn
+        if input_norm is not None:  # the teacher sees (x - mean) / std; queries stay in [0, 1] pixel units
+            mean, std = (torch.as_tensor(v, dtype=torch.float32, device=self._device).view(1, -1, 1, 1)
+                         for v in input_norm)
+            raw = forward
+
+            def forward(chunk, raw=raw, mean=mean, std=std):
+                return raw((chunk - mean) / std)
 
         def run_chunk(chunk: torch.Tensor) -> torch.Tensor:
-            return answer(forward(chunk))
+            out = forward(chunk)
+            if num_classes is not None:  # an untrusted (user's) teacher: check every answer before using it
+                check_teacher_output(out, chunk.shape[0], num_classes, name)
+            return answer(out)
 
         self._run_chunk = run_chunk  # the model lives only in this closure
 
@@ -164,7 +206,11 @@ class HardLabelOracle(_Oracle):
     model: ``nn.Module``, TorchScript module, ``torch.export.ExportedProgram`` or callable mapping
     float32 (N, C, H, W) in [0, 1] to logits (N, L). budget: None (unlimited) or the most images it
     will answer. batch_size: images per forward call. device: where the teacher runs.
-    input_shape: optional (C, H, W) that every query must have.
+    input_shape: optional (C, H, W) that every query must have. num_classes: when given (a user's
+    teacher), every forward's output must be finite float logits (N, num_classes), else
+    :class:`TeacherOutputError` naming ``name``, raised before the batch is counted. input_norm:
+    optional (mean, std), one value or one per channel: the teacher is fed ``(x - mean) / std``
+    while queries, distances and budgets stay in [0, 1] pixel units.
 
     ``oracle(x)`` with x float (N, C, H, W) in [0, 1] returns int64 (N,) on x's device; raises
     ValueError for bad input and QueryBudgetExceeded before a call that would exceed the budget.

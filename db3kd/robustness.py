@@ -267,7 +267,8 @@ def _bd_chunk(oracle, x, y, pred, refs, ref_labels, num_classes, tol, budget) ->
         oracle, flat_x, flat_r, bi, ri, length, torch.zeros_like(length), length.clone(), group, b * num_l,
         t, True, tol, used, math.inf if budget is None else budget, x.shape[1:],
     )
-    best_end = torch.where(best >= 0, ri[best.clamp(min=0)], torch.full_like(best, -1))
+    # no usable (sample, reference) row at all (e.g. a teacher that labels everything one class): every pair stays inf
+    best_end = torch.where(best >= 0, ri[best.clamp(min=0)], -1) if ri.numel() else torch.full_like(best, -1)
     # a misclassified sample already sits in its predicted class's region: distance 0, no queries
     wrong = (pred != y).nonzero().squeeze(1)
     upper[wrong * num_l + pred[wrong]] = 0.0

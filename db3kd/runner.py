@@ -7,6 +7,7 @@ dict of JSON-serialisable values) with the keys of ``db3kd run --json`` plus boo
 
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from pathlib import Path
@@ -16,7 +17,54 @@ import torch
 
 from db3kd.config import RunConfig
 
-__all__ = ["run", "teacher_access_for", "select_subset"]
+__all__ = ["run", "teacher_access_for", "select_subset", "code_version", "user_teacher_conflict"]
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """What code produced a record: ``<db3kd package version>+<12 hex digits>``, the digits a
+    SHA-256 over the relative path and bytes of every ``.py`` file of the ``db3kd`` and
+    ``baselines`` packages (so an uncommitted edit counts too). Stored in every record as
+    ``code_version``; a harness case or a ``--run-dir`` run is reused only under the same one."""
+    import hashlib
+    from importlib import metadata
+
+    import baselines
+    import db3kd
+
+    try:
+        version = metadata.version("db3kd")
+    except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without metadata
+        version = "0+unknown"
+    h = hashlib.sha256()
+    for package in (db3kd, baselines):
+        root = Path(package.__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+            h.update(path.read_bytes())
+            h.update(b"\0")
+    return f"{version}+{h.hexdigest()[:12]}"
+
+
+def user_teacher_conflict(method_cls, params=None) -> str | None:
+    """Why ``method_cls`` cannot be benchmarked against a user's teacher file, or None when it can.
+
+    A user's teacher is answered only through the oracle: label (``labels``) and score
+    (``scores``) methods query it, teacher-free methods (``none``) run as before; a white-box
+    method needs the module's gradients, and a method whose class sets ``needs_teacher_recipe``
+    (True, or a function of its params) trains the teacher's architecture with the teacher's
+    training recipe, neither of which a teacher file provides.
+    """
+    if method_cls.teacher_access == "white_box":
+        return (f"{method_cls.name} needs white-box access (the teacher's gradients); a user's teacher file is "
+                "answered only through the oracle (labels or scores)")
+    needs = getattr(method_cls, "needs_teacher_recipe", False)
+    if callable(needs):
+        needs = needs(params)
+    if needs:
+        return (f"{method_cls.name} trains the teacher's architecture with the teacher's training recipe, which a "
+                "user's teacher file does not provide")
+    return None
 
 
 def select_subset(y: torch.Tensor, k: int | None, *, seed: int = 0) -> torch.Tensor:
@@ -31,12 +79,22 @@ def select_subset(y: torch.Tensor, k: int | None, *, seed: int = 0) -> torch.Ten
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
+def _door_kwargs(config: RunConfig) -> dict:
+    """Oracle keywords for a user's teacher file: output checks naming the file, input normalisation."""
+    if not config.teacher_file:
+        return {}
+    norm = config.teacher_input
+    return {"num_classes": config.num_classes, "name": f"teacher {config.teacher_file}",
+            "input_norm": None if norm is None else (norm.mean, norm.std)}
+
+
 def teacher_access_for(access: str, model, config: RunConfig, image_shape, device):
     """What a method with ``access`` receives: None, a label oracle, a score oracle or the module.
 
+    For a user's teacher file (``config.teacher_file``) the oracles also check every answer
+    (finite float logits, one per class) and feed the teacher ``config.teacher_input``'s normalisation.
     The oracles' batch size is ``config.oracle_batch``, or measured for (device, model) when it is
-    ``"auto"`` (:func:`db3kd.layout.resolve_oracle_batch`).
-    """
+    ``"auto"`` (:func:`db3kd.layout.resolve_oracle_batch`)."""
     from db3kd.layout import resolve_oracle_batch
     from db3kd.oracle import HardLabelOracle, ScoreOracle
 
@@ -45,7 +103,8 @@ def teacher_access_for(access: str, model, config: RunConfig, image_shape, devic
     if access in ("labels", "scores"):
         batch = resolve_oracle_batch(config.oracle_batch, model, image_shape, device)
         cls = HardLabelOracle if access == "labels" else ScoreOracle
-        return cls(model, budget=config.query_budget, batch_size=batch, device=device, input_shape=image_shape)
+        return cls(model, budget=config.query_budget, batch_size=batch, device=device, input_shape=image_shape,
+                   **_door_kwargs(config))
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -62,6 +121,7 @@ def run(
     run_dir: str | Path | None = None,
     log: Callable[[dict, int | None], None] | None = None,
     splits=None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` end to end and return its record.
 
@@ -69,57 +129,94 @@ def run(
     and the teacher; run_dir: when given, the run lives in ``run_dir/<config hash>``: every long
     stage checkpoints there atomically, a rerun resumes from whatever is complete, and a finished
     run (``record.json``) is returned without recomputation; otherwise artifacts go to a fresh
-    temporary folder. log(metrics, step): metric sink (e.g. MLflow); splits: pre-loaded
-    :class:`db3kd.data.DataSplits` to reuse. Raises DatasetNotFoundError, ConfigError,
-    QueryBudgetExceeded as they occur.
+    temporary folder. What ``run_dir`` holds is used only under the same :func:`code_version` (and,
+    for a teacher file, the same file bytes): otherwise, or with ``fresh=True``, the config's folder
+    is emptied first. log(metrics, step): metric sink (e.g. MLflow); splits: pre-loaded
+    :class:`db3kd.data.DataSplits` to reuse.
+
+    A user's teacher file is checked at the door before any query counts (:func:`db3kd.teacher.check_teacher`):
+    wrong output width, integer or non-finite outputs raise TeacherOutputError; a non-deterministic
+    or near-chance teacher gives a TeacherWarning, also kept in the record (``teacher_door``,
+    ``teacher_warnings``). Raises DatasetNotFoundError, ConfigError, QueryBudgetExceeded,
+    TeacherOutputError, DB3KDError as they occur.
     """
     import json
+    import shutil
     import tempfile
+    import warnings
 
+    from db3kd.errors import ConfigError
+    from db3kd.registry import get_method
+    from db3kd.teacher import TeacherWarning, file_sha256
+
+    method_cls = get_method(config.method)
+    params = method_cls.Params(**config.method_params)
+    if config.teacher_input is not None and not config.teacher_file:
+        raise ConfigError("teacher_input (the input normalisation of a user's teacher) needs a teacher file "
+                          "(--teacher PATH); the built-in teacher takes [0, 1] pixels")
+    if config.teacher_file:
+        conflict = user_teacher_conflict(method_cls, params)
+        if conflict:
+            raise ConfigError(f"method {config.method!r} cannot use teacher file {config.teacher_file}: {conflict}")
+    manifest = {"code_version": code_version(),
+                "teacher_sha256": file_sha256(config.teacher_file) if config.teacher_file and Path(config.teacher_file).is_file() else None}
     if run_dir is not None:
         workdir = Path(run_dir) / config.config_hash()
+        stamp = workdir / "run.json"
+        if workdir.exists() and (fresh or not stamp.exists() or json.loads(stamp.read_text()) != manifest):
+            shutil.rmtree(workdir)  # another code version / teacher file (or asked to): start afresh
         finished = workdir / "record.json"
         if finished.exists():
             return json.loads(finished.read_text())
         workdir.mkdir(parents=True, exist_ok=True)
+        from db3kd.records import write_json_atomic
+
+        write_json_atomic(manifest, stamp)
     else:
         workdir = Path(tempfile.mkdtemp(prefix=f"db3kd-{config.config_hash()}-"))
     from db3kd.context import MethodContext
     from db3kd.data import load_dataset
-    from db3kd.registry import get_method
-    from db3kd.teacher import get_teacher, load_teacher_file
+    from db3kd.teacher import DOOR_PROBE, check_teacher, get_teacher, load_teacher_file, near_chance_warning
     from db3kd.training import evaluate, seed_everything
 
     started = time.perf_counter()
     log = log or (lambda metrics, step=None: None)
     dev = torch.device(device)
-    method_cls = get_method(config.method)
-    params = method_cls.Params(**config.method_params)
     if splits is None:
         splits = load_dataset(config.dataset, data_root, val_fraction=config.val_fraction, image_size=config.image_size)
     image_shape = tuple(splits.train_x.shape[1:])
+    door, teacher_warnings = None, []
 
-    # teacher: a user's exported model, or the built-in one (trained once, then cached)
+    # teacher: a user's exported model (checked at the door), or the built-in one (trained once, then cached)
     if config.teacher_file:
+        if config.teacher_input is not None:
+            config.teacher_input.check_channels(image_shape[0])
         teacher_model, teacher_hash = load_teacher_file(config.teacher_file)
         teacher_checkpoint = teacher_hash  # the file's own SHA-256 prefix
         from db3kd.oracle import HardLabelOracle
 
         from db3kd.layout import resolve_oracle_batch
 
-        judge = HardLabelOracle(teacher_model, batch_size=resolve_oracle_batch(config.oracle_batch, teacher_model,
-                                                                               image_shape, dev),
-                                device=dev, input_shape=image_shape)
-        try:
-            pred = judge(splits.test_x.float().div(255.0))
-        except (RuntimeError, TypeError, IndexError) as exc:
-            from db3kd.errors import DB3KDError
-
-            raise DB3KDError(
-                f"teacher {config.teacher_file} failed on a batch of {config.dataset} images of shape "
-                f"{image_shape} (C, H, W), float32 in [0, 1]: {str(exc).splitlines()[0][:300]}"
-            ) from None
+        kw = _door_kwargs(config)
+        batch = resolve_oracle_batch(config.oracle_batch, teacher_model, image_shape, dev)
+        test_x = splits.test_x.float().div(255.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TeacherWarning)
+            door = check_teacher(teacher_model, test_x[:DOOR_PROBE], config.num_classes, name=kw["name"], device=dev,
+                                 batch_size=batch, input_norm=kw["input_norm"]).as_record()
+        judge = HardLabelOracle(teacher_model, batch_size=batch, device=dev, input_shape=image_shape, **kw)
+        pred = judge(test_x)  # the judge is not the method's oracle: its queries are not counted toward the run
         teacher_accuracy = float((pred.cpu() == splits.test_y).float().mean())
+        chance = near_chance_warning(teacher_accuracy, config.num_classes, name=kw["name"], dataset=config.dataset)
+        for w in caught:
+            if issubclass(w.category, TeacherWarning):
+                teacher_warnings.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if chance:
+            teacher_warnings.append(chance)
+        for text in teacher_warnings:
+            warnings.warn(text, TeacherWarning, stacklevel=2)
     else:
         trained = get_teacher(splits, config.teacher, seed=config.seed, device=dev, progress=progress, log=log)
         teacher_model, teacher_hash, teacher_accuracy = trained.model, trained.key, trained.test_accuracy
@@ -160,6 +257,12 @@ def run(
         "teacher_hash": teacher_hash,
         "teacher_checkpoint": teacher_checkpoint,
         "teacher_arch": "user-file" if config.teacher_file else config.teacher.arch,
+        "teacher_file": config.teacher_file,
+        "teacher_sha256": manifest["teacher_sha256"],
+        "teacher_door": door,
+        "teacher_deterministic": None if door is None else door["deterministic"],
+        "teacher_warnings": teacher_warnings,
+        "code_version": manifest["code_version"],
         "student_arch": config.student.arch,
         "metrics": output.metrics,
         "milestone_accuracy": {str(k): v for k, v in output.milestone_accuracy.items()},

@@ -27,7 +27,8 @@ from torch import nn
 
 from db3kd.errors import DB3KDError
 
-__all__ = ["TrainedTeacher", "teacher_key", "checkpoint_digest", "get_teacher", "load_teacher_file", "cache_root"]
+__all__ = ["TrainedTeacher", "teacher_key", "checkpoint_digest", "get_teacher", "load_teacher_file", "cache_root",
+           "file_sha256", "TeacherWarning", "DoorReport", "check_teacher", "near_chance_warning"]
 
 _TEACHER_FORMAT = 2  # 2: the memory format joined the key
 
@@ -134,7 +135,7 @@ def load_teacher_file(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DB3KDError(f"teacher file not found: {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = file_sha256(path)[:16]
     import zipfile
 
     try:
@@ -155,3 +156,101 @@ def load_teacher_file(path: str | Path):
             f"cannot load teacher {path}: it is neither a torch.export program (torch.export.save) nor a "
             f"TorchScript module (torch.jit.save): {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         ) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (64 hex digits) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the door: a user's teacher is checked before any query is counted toward a run
+
+
+class TeacherWarning(UserWarning):
+    """A user's teacher answers, but something about it makes the run's numbers doubtful."""
+
+
+#: images of the probe batch and how many times it is asked (the door's own queries are never counted)
+DOOR_PROBE, DOOR_REPEATS = 64, 3
+
+
+@dataclass
+class DoorReport:
+    """What :func:`check_teacher` found. deterministic: the probe's answers were identical on every
+    repeat; label_changes: probe images whose top-1 label changed between repeats; max_score_change:
+    largest change of a softmax probability between repeats; probe: images asked; repeats: times asked."""
+
+    deterministic: bool
+    label_changes: int
+    max_score_change: float
+    probe: int
+    repeats: int
+
+    def as_record(self) -> dict:
+        return {"deterministic": self.deterministic, "label_changes": self.label_changes,
+                "max_score_change": self.max_score_change, "probe": self.probe, "repeats": self.repeats}
+
+
+def check_teacher(model, probe: torch.Tensor, num_classes: int, *, name: str = "teacher", device="cpu",
+                  batch_size: int = 4096, input_norm=None, repeats: int = DOOR_REPEATS) -> DoorReport:
+    """Check a user's teacher at the door, before any query counts.
+
+    probe: float32 (N, C, H, W) in [0, 1] (the runner uses the first 64 test images); the teacher,
+    fed through an uncounted :class:`~db3kd.oracle.ScoreOracle` (with ``input_norm``), must return
+    finite float logits of shape (N, num_classes). It is asked ``repeats`` times: differing answers
+    give one :class:`TeacherWarning` (a non-deterministic teacher: dropout or batch norm left in
+    training mode, sampling) and ``deterministic=False`` in the report.
+
+    Raises :class:`~db3kd.oracle.TeacherOutputError` (wrong width, integer or non-finite outputs,
+    not a tensor) or DB3KDError (the teacher fails on such images), each one line naming ``name``.
+    """
+    from db3kd.oracle import ScoreOracle, TeacherOutputError
+
+    door = ScoreOracle(model, batch_size=batch_size, device=device, input_shape=tuple(probe.shape[1:]),
+                       num_classes=num_classes, input_norm=input_norm, name=name)
+    answers = []
+    for _ in range(max(1, repeats)):
+        try:
+            answers.append(door(probe))
+        except TeacherOutputError:
+            raise
+        except (RuntimeError, TypeError, IndexError, ValueError) as exc:
+            raise DB3KDError(
+                f"{name} failed on a batch of images of shape {tuple(probe.shape[1:])} (C, H, W), float32 in [0, 1]"
+                + (" (normalised by teacher_input)" if input_norm is not None else "")
+                + f": {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+            ) from None
+    first = answers[0]
+    labels = [a.argmax(1) for a in answers]
+    changed = torch.zeros(first.shape[0], dtype=torch.bool)
+    score_change = 0.0
+    for a, lab in zip(answers[1:], labels[1:]):
+        changed |= (lab != labels[0]).cpu()
+        score_change = max(score_change, float((a - first).abs().max()) if a.numel() else 0.0)
+    report = DoorReport(deterministic=not bool(changed.any()) and score_change <= 1e-4,
+                        label_changes=int(changed.sum()), max_score_change=score_change,
+                        probe=int(first.shape[0]), repeats=len(answers))
+    if not report.deterministic:
+        import warnings
+
+        warnings.warn(
+            f"{name} is non-deterministic: asked the same {report.probe} images {report.repeats} times, "
+            f"{report.label_changes} label(s) changed and probabilities moved by up to {score_change:.3g} "
+            "(dropout or batch norm left in training mode?); its labels and query counts are not reproducible",
+            TeacherWarning, stacklevel=2)
+    return report
+
+
+def near_chance_warning(accuracy: float, num_classes: int, *, name: str = "teacher", dataset: str = "") -> str | None:
+    """The warning text when a teacher's test accuracy is at most twice chance (``2 / num_classes``), else None."""
+    chance = 1.0 / num_classes
+    if accuracy > 2 * chance:
+        return None
+    return (f"{name} has test accuracy {100 * accuracy:.1f}% on {dataset or 'this dataset'} (chance {100 * chance:.1f}%): "
+            "it may expect other preprocessing (e.g. --set teacher_input.mean=... --set teacher_input.std=...), "
+            "another image size or channel order, or other class indices")

@@ -7,17 +7,22 @@ one nested run per case. MLflow is imported lazily (only when a run is actually 
 * Child run per case, named like the test id (``mnist-db3kd-mbd-s0``; a variant other than
   ``default`` is part of the name: ``mnist-db3kd-mbd@tau05-s0``), nested through the
   ``mlflow.parentRunId`` tag. Params: the resolved config, flattened (``student.epochs``).
-  Metrics: everything the runner logs per epoch (``teacher/train_loss``, ``student/val_accuracy``
-  ...), the final teacher/student accuracy, queries total and per sample, wall seconds, and
-  ``milestone_accuracy`` at step = queries per pair. Tags: method, dataset, profile,
+  Metrics: the name's first part says what its step counts, so no chart mixes units
+  (:func:`metric_name`): ``epoch/...`` per-epoch curves (``epoch/teacher/train_loss``,
+  ``epoch/student/val_accuracy`` ...), ``milestone/...`` at step = queries per (sample, class)
+  pair (``milestone/accuracy``, ``milestone/mean_distance``), ``iteration/...`` at step = a
+  generator iteration (ZSKT); final scalars keep a plain name at step 0 (teacher/student
+  accuracy, queries total and per sample, wall seconds, method metrics). Tags: method, dataset, profile,
   teacher_access, config_hash, variant, config_diff, git_commit (also ``mlflow.source.git.commit``),
   seed, data_source.
   Artifacts: ``config.json`` (the resolved config), ``record.json`` and the case's plots; the
   session's tables and plots go to the parent run.
 
-Default store: ``sqlite:///mlflow.db`` in the working directory (git-ignored) unless
-``MLFLOW_TRACKING_URI`` or an explicit URI says otherwise. View with
-``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+Default store: ``mlflow.db`` (SQLite, git-ignored) at the project root -- the nearest folder at or
+above the working directory holding ``pyproject.toml`` or ``.git``, so every subfolder of a
+checkout shares one store (:func:`project_root`) -- unless ``MLFLOW_TRACKING_URI`` or an
+explicit URI says otherwise. View with ``mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db``
+from the project root.
 
 Failure policy: tracking must never cost a result. The first exception raised by MLflow (server
 unreachable, HTTP 5xx, locked database ...) disables the :class:`Tracker` for the rest of the
@@ -45,9 +50,11 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
-    "DEFAULT_TRACKING_URI",
+    "STEP_UNITS",
     "TrackingWarning",
     "default_tracking_uri",
+    "metric_name",
+    "project_root",
     "display_uri",
     "experiment_name",
     "flatten",
@@ -58,7 +65,6 @@ __all__ = [
     "records_from_mlflow",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
@@ -67,9 +73,40 @@ class TrackingWarning(UserWarning):
     """MLflow tracking failed and was switched off; results are still written locally."""
 
 
-def default_tracking_uri(uri: str | None = None) -> str:
-    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+#: what the step of a metric counts, named by the first part of its name (``epoch/student/val_accuracy``)
+STEP_UNITS = ("epoch", "milestone", "iteration")
+
+
+def metric_name(key: str, step: int | None) -> str:
+    """The MLflow name of a metric the runner logs as ``log({key: value}, step)``.
+
+    step None: a final scalar, ``key`` unchanged (logged at step 0). Otherwise the name starts with
+    the unit its step counts: kept when ``key`` already names one of :data:`STEP_UNITS`;
+    ``milestone_<x>`` -> ``milestone/<x>`` (step = queries per pair); anything else is a
+    per-epoch curve, ``epoch/<key>`` (the training loop logs at step = epoch)."""
+    if step is None or key.split("/", 1)[0] in STEP_UNITS:
+        return key
+    if key.startswith("milestone_"):
+        return "milestone/" + key[len("milestone_"):]
+    return "epoch/" + key
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The nearest folder at or above ``start`` (default: the working directory) that holds
+    ``pyproject.toml`` or ``.git``; ``start`` itself when there is none."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def default_tracking_uri(uri: str | None = None, *, root: str | os.PathLike | None = None) -> str:
+    """``uri`` if given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db`` with
+    ``root`` (default :func:`project_root`) an absolute path, the same from every subfolder."""
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri or os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(root) if root is not None else project_root()).resolve() / 'mlflow.db'}"
 
 
 def display_uri(uri: str) -> str:
@@ -122,6 +159,16 @@ def _finite_metrics(metrics: dict) -> dict[str, float]:
         if math.isfinite(f):
             out[str(k)] = f
     return out
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go to ``mlruns/`` beside its database file (not into the
+    working directory, MLflow's default), so every subfolder of a project shares them; None (the
+    store's own default) for any other URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.resolve().parent / "mlruns").as_uri() if db.is_absolute() else None
 
 
 class Tracker:
@@ -224,7 +271,8 @@ class Tracker:
                 if exp.lifecycle_stage == "deleted":
                     client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
-            return client.create_experiment(experiment_name(dataset), tags={"db3kd.dataset": dataset})
+            return client.create_experiment(experiment_name(dataset), tags={"db3kd.dataset": dataset},
+                                            artifact_location=_artifact_root(self.uri))
 
         with self._lock():
             eid = self.call(find_or_create)
@@ -382,7 +430,7 @@ class CaseRun:
             return
         from mlflow.entities import Metric
 
-        values = _finite_metrics(metrics)
+        values = {metric_name(k, step): v for k, v in _finite_metrics(metrics).items()}
         step = int(step or 0)
         ts = int(time.time() * 1000)
         batch = [Metric(k, v, ts, step) for k, v in values.items()]
@@ -397,10 +445,10 @@ class CaseRun:
         final = {k: record.get(k) for k in ("teacher_accuracy", "student_accuracy", "queries_total",
                                              "queries_per_sample", "wall_seconds", "transfer_set_size")}
         final.update({k: v for k, v in (record.get("metrics") or {}).items() if (k, 0) not in self._logged})
-        self.log(final, 0)
+        self.log(final, None)
         for milestone, acc in (record.get("milestone_accuracy") or {}).items():
-            if ("milestone_accuracy", int(milestone)) not in self._logged:
-                self.log({"milestone_accuracy": acc}, int(milestone))
+            if ("milestone/accuracy", int(milestone)) not in self._logged:
+                self.log({"milestone/accuracy": acc}, int(milestone))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.tracked:

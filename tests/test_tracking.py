@@ -133,11 +133,15 @@ def test_real_server_round_trip(mlflow_server, tmp_path):
     assert metrics["student_accuracy"] == pytest.approx(0.7) and metrics["teacher_accuracy"] == pytest.approx(0.9)
     assert metrics["queries_total"] == 1000 and metrics["queries_per_sample"] == 10.0
     history = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
-                   metric_key="student/val_accuracy")["metrics"]
+                   metric_key="epoch/student/val_accuracy")["metrics"]
     assert sorted(m["step"] for m in history) == [0, 1, 2]
     milestones = _get(mlflow_server, "/api/2.0/mlflow/metrics/get-history", run_id=run_id,
-                      metric_key="milestone_accuracy")["metrics"]
+                      metric_key="milestone/accuracy")["metrics"]
     assert sorted((m["step"], m["value"]) for m in milestones) == [(60, 0.6), (120, 0.7)]
+    # no chart mixes units: every metric with a step other than 0 names what its step counts
+    assert {k for k in metrics if "/" in k} == {"epoch/student/train_loss", "epoch/student/val_accuracy",
+                                                "milestone/accuracy"}
+    assert "milestone_accuracy" not in metrics and "student/val_accuracy" not in metrics
     files = {f["path"] for f in _get(mlflow_server, "/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])}
     assert {"config.json", "record.json", "plots"} <= files
 
@@ -167,6 +171,48 @@ def test_unreachable_server_warns_once_and_still_writes_the_record(tmp_path, mon
         on_disk = json.loads(Path(record["record_path"]).read_text())
         assert on_disk["student_accuracy"] == record["student_accuracy"] and on_disk["config"]["seed"] == record["seed"]
     assert (results / "records" / "digits" / "smoke" / "db3kd-sd-s1.json").is_file()
+
+
+def test_metric_names_carry_the_unit_of_their_step():
+    from db3kd.tracking import metric_name
+
+    assert metric_name("student/val_accuracy", 3) == "epoch/student/val_accuracy"
+    assert metric_name("teacher/train_loss", 0) == "epoch/teacher/train_loss"
+    assert metric_name("milestone_accuracy", 120) == "milestone/accuracy"
+    assert metric_name("milestone_mean_distance", 60) == "milestone/mean_distance"
+    assert metric_name("iteration/zskt/kl", 50) == "iteration/zskt/kl"
+    assert metric_name("target_entropy", None) == "target_entropy"  # a final scalar
+
+
+def test_default_store_is_at_the_project_root_from_any_subfolder(tmp_path, monkeypatch):
+    from db3kd.tracking import default_tracking_uri, project_root
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "proj" / "benchmarks" / "deep").mkdir(parents=True)
+    (tmp_path / "proj" / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    expected = f"sqlite:///{(tmp_path / 'proj').resolve() / 'mlflow.db'}"
+    for where in ("proj", "proj/benchmarks", "proj/benchmarks/deep"):
+        monkeypatch.chdir(tmp_path / where)
+        assert project_root() == (tmp_path / "proj").resolve()
+        assert default_tracking_uri() == expected and Tracker().uri == expected
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri() == "http://127.0.0.1:5000"
+    assert default_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_artifacts_sit_beside_the_sqlite_store(tmp_path, monkeypatch):
+    """Started from a subfolder, a case's artifacts go to mlruns/ beside the database, not into the subfolder."""
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    tracker = Tracker(uri, session_id="beside")
+    record = tracked_run(resolve("digits", "db3kd-sd", "smoke", 0), tracker, run_fn=fake_run, plots=False)
+    tracker.finish_session(["digits"])
+    run = MlflowClient(uri).get_run(record["mlflow_run_id"])
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    assert (tmp_path / "mlruns").is_dir() and not (tmp_path / "sub" / "mlruns").exists()
 
 
 def _run_with_a_figure():
