@@ -10,6 +10,7 @@ standard-kd        scores      :mod:`baselines.kd`
 surrogate-kd       none        :mod:`baselines.kd`
 noise-logits       none        :mod:`baselines.kd`
 hard-label-kd      labels      :mod:`baselines.kd`
+label-smoothing    none        :mod:`baselines.label_smoothing`
 ban                none        :mod:`baselines.ban`
 tf-kd-self         none        :mod:`baselines.tf_kd`
 tf-kd-reg          none        :mod:`baselines.tf_kd`
@@ -24,4 +25,4 @@ Shared machinery: :mod:`baselines.common` (CE training, Hinton KD from cached or
 targets) and :mod:`baselines.features` (penultimate features of any registry model).
 """
 
-from baselines import ban, fs_bbt, kd, reference, sskd, tf_kd, zero_shot, zskt  # noqa: F401  (each registers its methods)
+from baselines import ban, fs_bbt, kd, label_smoothing, reference, sskd, tf_kd, zero_shot, zskt  # noqa: F401  (each registers its methods)

@@ -8,7 +8,10 @@ Definitions (measured in this process, on this machine):
 
 * **teacher peak throughput**: images per second of the teacher's bare forward pass under
   ``torch.inference_mode`` at its best batch size (swept over powers of two, best of three
-  1-second windows), measured before and after label construction; the higher is used.
+  1-second windows) and best memory layout (``contiguous`` and ``channels_last`` both tried),
+  measured before and after label construction; the higher is used.
+* **teacher layout speedup**: the peak in the fast layout built-in teachers use on this device
+  (``channels_last`` on CPU, :mod:`db3kd.layout`) over the default layout's peak, same run.
 * **oracle efficiency**: images the oracle answered per second of label construction (BD, MBD
   or ZSDB3KD generation, everything included: probe construction, validation, bookkeeping)
   divided by that peak. Asserted >= 0.9 for BD and MBD (issue 6); generation is reported.
@@ -117,9 +120,41 @@ def _mean_finite(t: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def peak(mnist):
+def layout_peaks(mnist):
+    """{memory format: (images/s by batch size, best batch, best images/s)} of the teacher's bare forward
+    pass, a copy of the same weights in each layout of :data:`db3kd.layout.FORMATS`, measured in turn."""
+    import copy
+
+    from db3kd.layout import FORMATS
+
     config, splits, model = mnist
-    return peak_throughput(model, tuple(splits.train_x.shape[1:]))
+    shape = tuple(splits.train_x.shape[1:])
+    return {name: peak_throughput(copy.deepcopy(model).to(memory_format=fmt), shape) for name, fmt in FORMATS.items()}
+
+
+@pytest.fixture(scope="module")
+def peak(layout_peaks):
+    """The best (rates, batch, images/s) over every layout and batch size tried: an oracle efficiency
+    measured against it cannot exceed 1 because a layout or batch size was left out."""
+    return max(layout_peaks.values(), key=lambda p: p[2])
+
+
+def test_teacher_layout_speedup(layout_peaks):
+    """``teacher_peak_images_per_second`` of the LeNet-5 teacher in its fast layout (the one built-in
+    teachers use on this device, :func:`db3kd.layout.memory_format_name`) and ``teacher_layout_speedup``:
+    that peak over the default (contiguous) layout's peak, both measured in this process."""
+    from db3kd.layout import memory_format_name
+
+    fast = memory_format_name("cpu")
+    fast_peak, default_peak = layout_peaks[fast][2], layout_peaks["contiguous"][2]
+    _REPORT.update(
+        teacher_fast_layout=fast, teacher_peak_fast_layout=fast_peak, teacher_peak_default_layout=default_peak,
+        teacher_layout_speedup=fast_peak / default_peak,
+        teacher_throughput_by_layout={name: {str(k): v for k, v in rates.items()} for name, (rates, _, _) in layout_peaks.items()},
+    )
+    _REPORT.setdefault("teacher_peak_images_per_second", fast_peak)
+    _write_report()
+    assert _REPORT["teacher_layout_speedup"] >= 1.8, _REPORT["teacher_layout_speedup"]
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +371,7 @@ def _write_report():
              "(`teacher_peak_before`, `teacher_peak_after`); an efficiency slightly above 1 means the engine runs at "
              "the bare forward's speed within that spread.", ""]
     for key in ("teacher_peak_images_per_second", "teacher_peak_before", "teacher_peak_after", "teacher_best_batch",
+                "teacher_fast_layout", "teacher_peak_fast_layout", "teacher_peak_default_layout", "teacher_layout_speedup",
                 "bd_images_per_second", "mbd_images_per_second", "generation_images_per_second",
                 "oracle_efficiency_bd", "oracle_efficiency_mbd", "oracle_efficiency_generation", "bd_query_ratio",
                 "bd_queries_ours", "bd_queries_per_reference", "bd_max_distance_difference", "bd_queries_per_pair",

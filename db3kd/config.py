@@ -189,12 +189,19 @@ class _TopLevel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     image_size: int | None = Field(default=None, ge=1)
-    oracle_batch: int = Field(default=4096, ge=1)
+    oracle_batch: int | str = "auto"  # images per teacher forward; "auto": measured per device and model (db3kd.layout)
     teacher_file: str | None = None
     query_budget: int | None = Field(default=None, ge=0)
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     teacher_seed: int = Field(default=0, ge=0)  # the teacher's own seed, shared by every method and run seed
     teacher_input: TeacherInput | None = None  # a user's teacher's input normalisation (None: [0, 1] pixels)
+
+    @field_validator("oracle_batch", mode="before")
+    @classmethod
+    def _oracle_batch(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be a positive int or 'auto' (measured per device and model)")
 
 
 TOP_LEVEL_KEYS = tuple(_TopLevel.model_fields)
@@ -206,10 +213,10 @@ TOP_LEVEL_KEYS = tuple(_TopLevel.model_fields)
 _LENET_TEACHER_PAPER = dict(epochs=200, batch_size=1024, lr=5e-4)  # authors' code (REFERENCE.md section 4)
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"teacher": _LENET_TEACHER_PAPER, "student": dict(epochs=100, batch_size=512, lr=5e-3),
-              "oracle_batch": 4096},
+              "oracle_batch": "auto"},
     # cpu students train on 10,000 images, the same for every method and seed (runner.select_subset, seed 0)
     "cpu": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
-            "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=10000), "oracle_batch": 256},
+            "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=10000), "oracle_batch": "auto"},
     "smoke": {"teacher": dict(epochs=1, batch_size=64, lr=1e-3, train_subset=2000),
               "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200), "oracle_batch": 256},
 }
@@ -241,7 +248,7 @@ class RunConfig:
     teacher: StageConfig
     student: StageConfig
     method_params: dict[str, Any]
-    oracle_batch: int = 4096
+    oracle_batch: int | str = "auto"  # images per teacher forward; "auto": measured per device and model (db3kd.layout)
     teacher_seed: int = 0  # the teacher's own seed: one teacher per (dataset, profile), shared by every method and seed
     teacher_file: str | None = None  # a user's TorchScript / torch.export teacher replaces the built-in one
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
@@ -523,7 +530,7 @@ def resolve(
         top["teacher_input"] = dict(teacher_input) if isinstance(teacher_input, Mapping) else teacher_input
     merged = profile_values(profile, dataset)
     base_top = {"image_size": merged.get("image_size", spec.image_size),
-                "oracle_batch": merged.get("oracle_batch", 4096)}
+                "oracle_batch": merged.get("oracle_batch", "auto")}
     run = validate_model(_TopLevel, {**base_top, **top}, where="setting")
     stage_cfg = {}
     for stage in STAGES:

@@ -12,10 +12,13 @@
   is drawn as a hollow point marked "1 seed, no interval".
 * :func:`distance_vs_queries` -- mean minimal boundary distance versus queries per pair for
   several MBD estimators (the perf benchmark's Sign-OPT comparison).
+* :func:`frontier` -- the accuracy-versus-queries frontier of every label-only method (issue 15
+  item 5): student accuracy against teacher queries per training sample (log x), one point per
+  method variant (vote-kd at each K, MBD at each query milestone, BD, hard-label KD at 1 query).
 
-:func:`write_plots` writes the first two beside the leaderboard:
-``results/<dataset>/<profile>-accuracy-vs-queries.png`` and ``<profile>-mbd-heatmap.png``, and the
-forest plot as ``<profile>-forest.png``.
+:func:`write_plots` writes the first two, the forest plot and the frontier beside the leaderboard:
+``results/<dataset>/<profile>-accuracy-vs-queries.png``, ``<profile>-mbd-heatmap.png``,
+``<profile>-forest.png`` and ``<profile>-frontier.png``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "forest_plot", "distance_vs_queries", "write_plots",
-           "plot_paths"]
+__all__ = ["MBD", "accuracy_vs_queries", "class_distance_heatmap", "forest_plot", "distance_vs_queries", "frontier",
+           "frontier_points", "write_plots", "plot_paths"]
 
 MBD = "db3kd-mbd"
 
@@ -62,7 +65,8 @@ def _title_suffix(records: list[dict]) -> str:
 def plot_paths(out_dir: str | os.PathLike, profile: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {"accuracy_vs_queries": out_dir / f"{profile}-accuracy-vs-queries.png",
-            "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png", "forest": out_dir / f"{profile}-forest.png"}
+            "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png", "forest": out_dir / f"{profile}-forest.png",
+            "frontier": out_dir / f"{profile}-frontier.png"}
 
 
 def _budget(record: dict) -> int | None:
@@ -210,14 +214,15 @@ def class_distance_heatmap(records: Iterable[dict], path: str | os.PathLike, *, 
 def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: str) -> list[Path]:
     """Write the plots of one (dataset, profile) into ``out_dir``; returns the paths written.
 
-    A plot whose data is absent (no db3kd-mbd record; no student-ce record for the forest plot) is not written, and a stale file of that
+    A plot whose data is absent (no db3kd-mbd record; no student-ce record for the forest plot; no
+    label-only record for the frontier) is not written, and a stale file of that
     name is removed so the folder always matches the records.
     """
     records = list(records)
     paths = plot_paths(out_dir, profile)
     written = []
     for key, fn in (("accuracy_vs_queries", accuracy_vs_queries), ("mbd_heatmap", class_distance_heatmap),
-                    ("forest", forest_plot)):
+                    ("forest", forest_plot), ("frontier", frontier)):
         p = fn(records, paths[key])
         if p is not None:
             written.append(p)
@@ -272,6 +277,104 @@ def forest_plot(records: Iterable[dict], path: str | os.PathLike, *, control: st
             else "1 seed per method: single differences, no intervals, no tests")
     ax.set_title(f"difference to {control} ({_title_suffix(records)})\n{note}", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def frontier_points(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
+    """The frontier's points from run records: {(method, variant): {"x", "acc", "n", "sort"}}.
+
+    Label-only methods (``teacher_access == "labels"``) with queries only. Each record gives its
+    final student at ``queries_per_sample`` (variant ``final``, or the method's own final label:
+    ``K=<votes>`` for vote-kd, ``<budget>/pair`` for MBD) and, where the record carries
+    ``tables["milestone_queries_per_sample"]``, one point per ``milestone_accuracy`` entry at that
+    milestone's queries per sample (a milestone equal to the final one is the final student).
+    x: mean queries per training sample over seeds; acc: list of accuracies (%), one per seed.
+    """
+    points: dict[tuple[str, str], dict] = {}
+
+    def add(method: str, variant: str, x: float, acc: float, sort: float) -> None:
+        p = points.setdefault((method, variant), {"xs": [], "acc": [], "sort": sort})
+        p["xs"].append(float(x))
+        p["acc"].append(100.0 * float(acc))
+
+    for r in records:
+        if r.get("teacher_access") != "labels" or r.get("student_accuracy") is None:
+            continue
+        q = _num(r.get("queries_per_sample"))
+        if not (math.isfinite(q) and q > 0):
+            continue
+        method = str(r["method"])
+        params = (r.get("config") or {}).get("method_params") or {}
+        unit = "K=" if "votes" in params else ""
+        suffix = "/pair" if "budget" in params else ""
+        final = params.get("votes", params.get("budget"))
+        final_label = f"{unit}{int(final)}{suffix}" if final is not None else "final"
+        add(method, final_label, q, float(r["student_accuracy"]), float(final or 0))
+        at = (r.get("tables") or {}).get("milestone_queries_per_sample") or {}
+        for k, acc in (r.get("milestone_accuracy") or {}).items():
+            if acc is None or str(k) not in at or (final is not None and int(k) == int(final)):
+                continue
+            add(method, f"{unit}{int(k)}{suffix}", float(at[str(k)]), float(acc), float(k))
+    for p in points.values():
+        p["x"] = sum(p["xs"]) / len(p["xs"])
+        p["n"] = len(p["acc"])
+    return points
+
+
+def frontier(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
+    """Student accuracy (%) against teacher queries per training sample (log x) for every label-only
+    method of ``records`` (one dataset and profile), from :func:`frontier_points`: one marker per
+    variant, the variants of a method joined in query order, error bars (sample std over seeds)
+    where a variant has several seeds; the legend gives each method's seed count ("1 seed" when
+    n = 1) and, for few-shot or zero-shot methods, the kind of transfer set their per-sample
+    counts refer to. Teacher and student-ce accuracies are horizontal lines. Returns the PNG path, or None
+    when no label-only record spent queries."""
+    records = list(records)
+    points = frontier_points(records)
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.0, 5.0), dpi=120)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    methods = sorted({m for m, _ in points}, key=lambda m: min(p["x"] for (mm, _), p in points.items() if mm == m))
+    for i, method in enumerate(methods):
+        mine = sorted(((v, p) for (m, v), p in points.items() if m == method), key=lambda vp: (vp[1]["x"], vp[1]["sort"]))
+        xs = [p["x"] for _, p in mine]
+        stats = [_mean_std(p["acc"]) for _, p in mine]
+        ns = sorted({p["n"] for _, p in mine})
+        seeds = (f"{ns[0]} seed" if ns == [1] else f"mean ± std over {ns[0]} seeds" if len(ns) == 1
+                 else f"{ns[0]}-{ns[-1]} seeds per point")
+        data = {str(r.get("data", "full")) for r in records if r.get("method") == method} - {"full"}
+        if data:  # few-shot / zero-shot methods count queries per image of their own transfer set
+            seeds += f"; transfer set: {', '.join(sorted(data))}"
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s if p["n"] > 1 else 0.0 for (_, s), (_, p) in zip(stats, mine)],
+                    fmt="-" + marker, color=color, lw=1.5, ms=6, capsize=3, label=f"{method} ({seeds})", zorder=3)
+        if len(mine) > 1 or mine[0][0] != "final":
+            for (variant, _), x, (m, _) in zip(mine, xs, stats):
+                ax.annotate(variant, (x, m), textcoords="offset points", xytext=(4, 5), fontsize=7, color=color)
+    lines = []
+    teacher = [float(r["teacher_accuracy"]) for r in records if r.get("teacher_accuracy") is not None]
+    if teacher:
+        lines.append(("teacher", 100.0 * _mean_std(teacher)[0], "black", "--"))
+    ce = [float(r["student_accuracy"]) for r in records if r.get("method") == "student-ce"]
+    if ce:
+        lines.append((f"student-ce, no queries ({'1 seed' if len(ce) == 1 else f'mean of {len(ce)} seeds'})",
+                      100.0 * _mean_std(ce)[0], "0.4", ":"))
+    for label, y, color, ls in lines:
+        ax.axhline(y, color=color, ls=ls, lw=1.2, label=f"{label}: {y:.2f}%", zorder=1)
+    ax.set_xscale("log")
+    all_x = [p["x"] for p in points.values()]
+    ax.set_xlim(min(all_x) / 2.0, max(all_x) * 3.0)  # room for the variant labels
+    ax.set_xlabel("teacher queries per training sample (log scale; label-only answers, calibration included)")
+    ax.set_ylabel("student test accuracy (%)")
+    synthetic = any(str(x.get("data_source", "official")) != "official" for x in records)
+    r0 = records[0]
+    ax.set_title(f"Accuracy vs. queries, label-only methods ({r0['dataset']}, profile {r0['profile']}"
+                 f"{', SYNTHETIC DATA' if synthetic else ''})", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9, borderaxespad=0.0)
     return _save(fig, path)
 
 

@@ -93,17 +93,19 @@ def teacher_access_for(access: str, model, config: RunConfig, image_shape, devic
 
     For a user's teacher file (``config.teacher_file``) the oracles also check every answer
     (finite float logits, one per class) and feed the teacher ``config.teacher_input``'s normalisation.
-    on_answer: told the size of every oracle call (the run's query ledger)."""
+    on_answer: told the size of every oracle call (the run's query ledger). The oracles' batch size
+    is ``config.oracle_batch``, or measured for (device, model) when it is ``"auto"``
+    (:func:`db3kd.layout.resolve_oracle_batch`)."""
+    from db3kd.layout import resolve_oracle_batch
     from db3kd.oracle import HardLabelOracle, ScoreOracle
 
     if access == "none":
         return None
-    if access == "labels":
-        return HardLabelOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                               input_shape=image_shape, on_answer=on_answer, **_door_kwargs(config))
-    if access == "scores":
-        return ScoreOracle(model, budget=config.query_budget, batch_size=config.oracle_batch, device=device,
-                           input_shape=image_shape, on_answer=on_answer, **_door_kwargs(config))
+    if access in ("labels", "scores"):
+        batch = resolve_oracle_batch(config.oracle_batch, model, image_shape, device)
+        cls = HardLabelOracle if access == "labels" else ScoreOracle
+        return cls(model, budget=config.query_budget, batch_size=batch, device=device, input_shape=image_shape,
+                   on_answer=on_answer, **_door_kwargs(config))
     if access == "white_box":
         from db3kd.oracle import as_callable_model
 
@@ -205,13 +207,16 @@ def run(
         teacher_checkpoint = teacher_hash  # the file's own SHA-256 prefix
         from db3kd.oracle import HardLabelOracle
 
+        from db3kd.layout import resolve_oracle_batch
+
         kw = _door_kwargs(config)
+        batch = resolve_oracle_batch(config.oracle_batch, teacher_model, image_shape, dev)
         test_x = splits.test_x.float().div(255.0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TeacherWarning)
             door = check_teacher(teacher_model, test_x[:DOOR_PROBE], config.num_classes, name=kw["name"], device=dev,
-                                 batch_size=config.oracle_batch, input_norm=kw["input_norm"]).as_record()
-        judge = HardLabelOracle(teacher_model, batch_size=config.oracle_batch, device=dev, input_shape=image_shape, **kw)
+                                 batch_size=batch, input_norm=kw["input_norm"]).as_record()
+        judge = HardLabelOracle(teacher_model, batch_size=batch, device=dev, input_shape=image_shape, **kw)
         pred = judge(test_x)  # the judge is not the method's oracle: its queries are not counted toward the run
         teacher_accuracy = float((pred.cpu() == splits.test_y).float().mean())
         chance = near_chance_warning(teacher_accuracy, config.num_classes, name=kw["name"], dataset=config.dataset)
@@ -236,7 +241,7 @@ def run(
 
     def teacher_spec() -> TeacherSpec:  # what a distributed executor's workers rebuild the oracle from
         where = dict(digest=teacher_checkpoint, access=method_cls.teacher_access, input_shape=image_shape,
-                     batch_size=config.oracle_batch, num_classes=splits.num_classes)
+                     batch_size=getattr(teacher_view, "batch_size", None) or 256, num_classes=splits.num_classes)
         if config.teacher_file:
             from dataclasses import replace
 
@@ -293,6 +298,7 @@ def run(
         "artifacts": output.artifacts,
         "tables": output.tables,
         "device": str(dev),
+        "oracle_batch": getattr(teacher_view, "batch_size", None),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "workdir": str(workdir),
         "config": config.to_dict(),

@@ -8,6 +8,10 @@ second run with the same key loads the checkpoint instead of training; parallel 
 cache under a file lock, so a teacher is never trained twice. Checkpoints are state dicts written
 atomically (temporary file, then rename) and loaded with ``weights_only=True``.
 
+Built-in teachers train and answer queries in their device's fast memory format
+(:func:`db3kd.layout.to_fast_layout`, e.g. ``channels_last`` on CPU); the format is part of the
+cache key, since it changes the trained weights in the last bits.
+
 ``load_teacher_file`` reads a user's teacher of any architecture: TorchScript (``torch.jit.save``)
 or a ``torch.export`` program (``torch.export.save``, ``.pt2``). It is used only through the oracle.
 """
@@ -28,7 +32,7 @@ from db3kd.errors import DB3KDError
 __all__ = ["TrainedTeacher", "teacher_key", "checkpoint_digest", "get_teacher", "load_teacher_file", "cache_root",
            "file_sha256", "TeacherWarning", "DoorReport", "check_teacher", "near_chance_warning"]
 
-_TEACHER_FORMAT = 1
+_TEACHER_FORMAT = 2  # 2: the memory format joined the key
 
 
 def cache_root() -> Path:
@@ -66,10 +70,13 @@ def checkpoint_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_key(stage, data_fingerprint: str, seed: int, num_classes: int, image_shape) -> str:
+def teacher_key(stage, data_fingerprint: str, seed: int, num_classes: int, image_shape,
+                memory_format: str = "contiguous") -> str:
+    """16 hex digits of sha256 over everything that determines a built-in teacher (memory_format:
+    ``contiguous`` or ``channels_last``, the layout it trains in)."""
     blob = json.dumps(
         {"stage": stage.model_dump(), "data": data_fingerprint, "seed": seed, "classes": num_classes,
-         "shape": list(image_shape), "format": _TEACHER_FORMAT},
+         "shape": list(image_shape), "format": _TEACHER_FORMAT, "memory_format": memory_format},
         sort_keys=True, default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -82,28 +89,32 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
     seed: the teacher's own seed (``RunConfig.teacher_seed``), never the student's run seed.
     splits: :class:`db3kd.data.DataSplits`; stage: :class:`db3kd.config.StageConfig`. The teacher
     is trained on ``stage.train_subset`` training images (all when None), selected with the
-    validation split held out. Returns :class:`TrainedTeacher`.
+    validation split held out. Returns :class:`TrainedTeacher` whose model is on the CPU in
+    ``device``'s fast memory format (:mod:`db3kd.layout`).
     """
     from filelock import FileLock
 
+    from db3kd.layout import FORMATS, memory_format_name
     from db3kd.models import get_model
     from db3kd.training import atomic_save, evaluate, fit, seed_everything
 
     c, h = splits.train_x.shape[1], splits.train_x.shape[2]
-    key = teacher_key(stage, splits.fingerprint(), seed, splits.num_classes, splits.train_x.shape[1:])
+    shape = tuple(splits.train_x.shape[1:])
+    seed_everything(seed)
+    model = get_model(stage.arch, num_classes=splits.num_classes, in_channels=c, image_size=h)
+    fmt = memory_format_name(device, model, shape)  # draws no random numbers
+    key = teacher_key(stage, splits.fingerprint(), seed, splits.num_classes, shape, fmt)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     path = root / "teachers" / f"{stage.arch}-{key}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        seed_everything(seed)
-        model = get_model(stage.arch, num_classes=splits.num_classes, in_channels=c, image_size=h)
         if getattr(stage, "pretrained", None) and not path.exists():
             from db3kd.pretrained import load_pretrained
 
             load_pretrained(model, stage.arch, stage.pretrained)
         if path.exists():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(ckpt["state_dict"])
+            model.to(memory_format=FORMATS[fmt]).load_state_dict(ckpt["state_dict"])
             digest = checkpoint_digest(ckpt["state_dict"])
             return TrainedTeacher(model.eval(), key, digest, ckpt["test_accuracy"], False, ckpt["history"])
         x, y = splits.train_x, splits.train_y
@@ -113,6 +124,7 @@ def get_teacher(splits, stage, *, seed: int, device="cpu", cache_dir: Path | Non
             model, x, lambda logits, _xb, idx: nn.functional.cross_entropy(logits, y[idx.cpu()].to(logits.device)),
             stage.train_config(), seed=seed, device=device, val=(splits.val_x, splits.val_y), desc="teacher",
             progress=progress, log=(lambda row, step: log({f"teacher/{k}": v for k, v in row.items()}, step)) if log else None,
+            memory_format=fmt,
         )
         acc = evaluate(model, splits.test_x, splits.test_y, device=device)
         model.cpu()

@@ -1,9 +1,11 @@
 """The one training loop (teachers, students and every baseline use it) and evaluation.
 
-Data stay uint8 tensors (N, C, H, W) in memory; each mini-batch is converted to float32 in
-[0, 1] on the fly, so a whole training set costs one byte per pixel. No DataLoader: batches are
-slices of a permutation drawn from a generator seeded by the run seed, which makes a run on CPU
-bit-for-bit repeatable.
+Data stay uint8 tensors (N, C, H, W), moved once to the training device; each mini-batch is
+indexed there, converted to float32 in [0, 1] and augmented as a whole batch (vectorised crop and
+flip), so a whole training set costs one byte per pixel and no image crosses the host per step.
+No DataLoader: batches are slices of a permutation drawn from a CPU generator seeded by the run
+seed, and the augmentation draws come from the same generator, which makes a run bit-for-bit
+repeatable. Models train in their device's fast memory format (:mod:`db3kd.layout`).
 """
 
 from __future__ import annotations
@@ -57,17 +59,24 @@ def _to_float(x: torch.Tensor, device) -> torch.Tensor:
 
 
 def _augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Augment a whole batch x float (N, C, H, W) on its own device: ``crop`` shifts every image by up to
+    2 pixels (zero padding), ``crop_flip`` takes a random crop of the 4-pixel-padded image and flips
+    half of them horizontally. The offsets (then the flips) are drawn from the CPU generator ``gen``
+    in that order; the crop is one gather, no loop over images."""
     if kind == "none":
         return x
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     pad = 4 if kind == "crop_flip" else 2
     padded = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).tolist()
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
+                 rows, cols]
     if kind == "crop_flip":
-        flip = torch.rand(n, generator=gen) < 0.5
-        out[flip] = out[flip].flip(3)
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 
 
@@ -91,6 +100,7 @@ def fit(
     log: Callable[[dict, int], None] | None = None,
     inputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     checkpoint: str | Path | None = None,
+    memory_format: str | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` epochs and return the per-epoch history.
 
@@ -100,12 +110,19 @@ def fit(
     called once per epoch. inputs(batch_x, idx) may replace the float batch (e.g. MixUp).
     checkpoint: file written atomically after every epoch (model, optimizer, scheduler, RNG states,
     history); when it exists, training resumes after its last epoch and ends bit-identical to an
-    uninterrupted run. History rows: ``{"epoch", "train_loss", "val_accuracy"?}``.
+    uninterrupted run. memory_format: ``contiguous`` or ``channels_last``; None = the device's fast
+    layout (:func:`db3kd.layout.fast_memory_format`); the model is moved to it in place.
+    History rows: ``{"epoch", "train_loss", "val_accuracy"?}``.
     """
     from tqdm.auto import tqdm
 
+    from db3kd.layout import FORMATS, fast_memory_format
+
     device = torch.device(device)
-    model.to(device)
+    shape = tuple(x.shape[1:])
+    fmt = fast_memory_format(device, model, shape) if memory_format is None else FORMATS[memory_format]
+    model.to(device, memory_format=fmt)
+    data = x.to(device)  # the training set lives on the device; batches are indexed there
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, cfg)
     n = x.shape[0]
@@ -135,10 +152,13 @@ def fit(
             idx = perm[start : start + cfg.batch_size]
             if len(idx) < 2 and n >= 2:  # BatchNorm cannot train on one image
                 continue
-            xb = _augment(_to_float(x[idx], "cpu"), cfg.augment, gen).to(device)
+            idx_dev = idx.to(device)
+            xb = _augment(_to_float(data[idx_dev], device), cfg.augment, gen)
+            if xb.dim() == 4:
+                xb = xb.contiguous(memory_format=fmt)
             if inputs is not None:
                 xb = inputs(xb, idx)
-            loss = loss_fn(model(xb), xb, idx.to(device))
+            loss = loss_fn(model(xb), xb, idx_dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

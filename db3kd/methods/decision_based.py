@@ -317,6 +317,10 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
 
         p = self.params
         output.metrics["queries_per_pair_mean"] = float(result.queries[torch.isfinite(result.distances)].float().mean())
+        # queries per training sample a run stopped at each milestone would have spent (frontier plot)
+        n, shared = max(int(result.queries.shape[0]), 1), result.total_queries - int(result.queries.sum())
+        output.tables["milestone_queries_per_sample"] = {
+            str(int(m)): (shared + int(result.queries.clamp(max=int(m)).sum())) / n for m in (result.milestones or [])}
         val = {p.budget: evaluate(output.student, ctx.val_x, ctx.val_y, device=ctx.device)}
         students = {p.budget: output.student}
         if p.milestone_students and result.distances_at is not None and ctx.evaluate_milestone is not None:
