@@ -238,7 +238,7 @@ def test_hopskipjump_cross_check(mnist, mbd_ours):
 
 def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
     from db3kd import HardLabelOracle
-    from db3kd.robustness import _bisect, boundary_search
+    from db3kd.search import TargetedMisclassification, bisect_segments, boundary_search
 
     config, splits, model = mnist
     shape = tuple(splits.train_x.shape[1:])
@@ -259,8 +259,9 @@ def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
         bi, ri = bi[rows], ri[rows]
         length = torch.cdist(flat_x, flat_r, compute_mode="donot_use_mm_for_euclid_dist")[bi, ri]
         used = torch.zeros(len(bi), dtype=torch.int64)
-        hi, _ = _bisect(oracle, flat_x, flat_r, bi, ri, length, torch.zeros_like(length), length.clone(),
-                        torch.arange(len(bi)), len(bi), rl[ri], True, tol, used, float("inf"), shape)
+        hi, _ = bisect_segments(oracle, flat_x, flat_r, bi, ri, length, torch.zeros_like(length), length.clone(),
+                                torch.arange(len(bi)), len(bi), TargetedMisclassification(rl[ri]), tol, used,
+                                float("inf"), shape)
         dist = torch.full((len(x), 10), float("inf"))
         dist.view(-1).scatter_reduce_(0, bi * 10 + rl[ri], hi, reduce="amin", include_self=True)
         return int(used.sum()), dist
