@@ -14,9 +14,19 @@ import torch
 
 from db3kd.search.criteria import Criterion
 
-__all__ = ["MAX_PROBES", "query", "label_segment_points", "bisect_segments"]
+__all__ = ["probe_slice", "query", "label_segment_points", "bisect_segments"]
 
-MAX_PROBES = 8192  # images built and sent per oracle call inside the engine (bounds memory, keeps probes in cache)
+# images built and sent per oracle call inside the engine: on a CPU, slices that stay in cache
+# (measured on 2 cores: MBD ~2x faster at 1024 than at 8192 probes of 784 floats); on a GPU, large
+# slices keep the device busy. Memory stays bounded either way.
+PROBE_SLICE = {"cpu": 1024}
+PROBE_SLICE_ACCELERATOR = 32768
+
+
+def probe_slice(device) -> int:
+    """Images per oracle call inside the engine on ``device`` (a torch.device or its type string)."""
+    kind = torch.device(device).type
+    return PROBE_SLICE.get(kind, PROBE_SLICE_ACCELERATOR)
 
 
 def query(oracle, x: torch.Tensor) -> torch.Tensor:
@@ -35,14 +45,17 @@ def label_segment_points(oracle, starts, ends, start_idx, end_idx, frac, shape) 
 
     starts: float32 (S, D); ends: float32 (E, D); start_idx, end_idx: int64 (K,); frac: float32 (K,)
     in [0, 1]; shape: the image shape (C, H, W) with C*H*W = D. Built and queried in slices of
-    :data:`MAX_PROBES` rows.
+    :func:`probe_slice` rows.
     """
     k = frac.shape[0]
     out = torch.empty(k, dtype=torch.int64, device=frac.device)
-    for s in range(0, k, MAX_PROBES):
-        e = min(s + MAX_PROBES, k)
-        a = starts.index_select(0, start_idx[s:e])
-        b = ends.index_select(0, end_idx[s:e])
+    step = probe_slice(frac.device)
+    buf_a = starts.new_empty(min(step, k), starts.shape[1])  # reused across slices (no allocation per slice)
+    buf_b = ends.new_empty(min(step, k), ends.shape[1])
+    for s in range(0, k, step):
+        e = min(s + step, k)
+        a = torch.index_select(starts, 0, start_idx[s:e], out=buf_a[: e - s])
+        b = torch.index_select(ends, 0, end_idx[s:e], out=buf_b[: e - s])
         pts = a.lerp_(b, frac[s:e, None]).clamp_(0.0, 1.0)
         out[s:e] = query(oracle, pts.view(e - s, *shape))
     return out

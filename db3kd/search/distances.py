@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from db3kd.search.bisection import MAX_PROBES, bisect_segments
+from db3kd.search.bisection import bisect_segments, probe_slice
 from db3kd.search.checkpoint import chunk_name, resumable
 from db3kd.search.criteria import TargetedMisclassification
 from db3kd.search.estimators import ESTIMATORS, PairKeys
@@ -306,7 +306,7 @@ def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, bu
 
 def _answer_all(oracle, x: torch.Tensor, device) -> torch.Tensor:
     """The teacher's labels int64 (N,) of caller-supplied images, through the validating door."""
-    out = [oracle(x[s:e].to(device)) for s, e in plan_chunks(x.shape[0], MAX_PROBES)]
+    out = [oracle(x[s:e].to(device)) for s, e in plan_chunks(x.shape[0], probe_slice(device))]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=device)
 
 

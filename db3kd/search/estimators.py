@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from db3kd.search.bisection import MAX_PROBES, query
+from db3kd.search.bisection import probe_slice, query
 from db3kd.search.criteria import Criterion
 from db3kd.search.streams import Stream, combine, normal, rademacher, stream_key
 
@@ -83,17 +83,20 @@ def sign_gradient(oracle, xb, r, criterion: Criterion, signs, block, estimator: 
     q, d = block.shape
     a = xb.shape[0]
     grads = torch.empty_like(xb)
-    step = max(1, MAX_PROBES // q)
+    step = max(1, probe_slice(xb.device) // q)
+    buf = xb.new_empty(min(step, a), q, d)  # probes, then the weighted directions: reused across slices
+    buf2 = xb.new_empty(min(step, a), q, d) if on_sphere else None
     for s in range(0, a, step):
         e = min(s + step, a)
         sg, rr = signs[s:e].unsqueeze(1), r[s:e].view(-1, 1, 1)
+        probes = buf[: e - s]
         if on_sphere:
             theta = (xb[s:e] - origin[s:e]) / r[s:e, None]
-            w = torch.addcmul(theta.unsqueeze(1), sg * delta, block)  # theta + delta u   (a, Q, D)
-            probes = torch.addcmul(origin[s:e].unsqueeze(1), w, rr / w.norm(dim=2, keepdim=True))
+            w = torch.addcmul(theta.unsqueeze(1), sg * delta, block, out=buf2[: e - s])  # theta + delta u  (a, Q, D)
+            torch.addcmul(origin[s:e].unsqueeze(1), w, rr / w.norm(dim=2, keepdim=True), out=probes)
         else:
             eps = delta * rr if estimator == "hsja" else delta * rr / math.sqrt(d)
-            probes = torch.addcmul(xb[s:e].unsqueeze(1), sg * eps, block)
+            torch.addcmul(xb[s:e].unsqueeze(1), sg * eps, block, out=probes)
         labels = query(oracle, probes.clamp_(0.0, 1.0).view(-1, *shape)).view(e - s, q)
         sign = criterion[s:e](labels).to(xb.dtype).mul_(2.0).sub_(1.0)
         if estimator in ("sign-opt", "paper"):
@@ -103,6 +106,6 @@ def sign_gradient(oracle, xb, r, criterion: Criterion, signs, block, estimator: 
             degenerate = centred.abs().sum(dim=1, keepdim=True) == 0  # all probes agree: keep raw signs
             weights = torch.where(degenerate, sign, centred)
         # sum_q weights[a, q] u[a, q] = signs[a] * sum_q weights[a, q] block[q]   (elementwise: batch-independent)
-        g = torch.mul(weights.unsqueeze(2), block, out=probes.view(e - s, q, d)).sum(dim=1).mul_(signs[s:e]).div_(q)
+        g = torch.mul(weights.unsqueeze(2), block, out=probes).sum(dim=1).mul_(signs[s:e]).div_(q)
         grads[s:e] = g if estimator == "paper" else g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return grads
