@@ -277,6 +277,71 @@ def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
     assert ratio <= 1 / 3
 
 
+# the engine ceiling: a nearly free teacher (a 784 -> 10 linear map), 2 threads, synthetic images
+CEILING_THREADS, CEILING_BD_SAMPLES, CEILING_MBD_SAMPLES, CEILING_REFS, CEILING_Q = 2, 256, 32, 20, 200
+CEILING_GOALS = {"engine_ceiling_bd_qps": 300_000, "engine_ceiling_mbd_qps": 120_000, "engine_ceiling_ratio_mbd": 0.5}
+
+
+def _ceiling_setup():
+    from db3kd import HardLabelOracle
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        teacher[1].weight.copy_(torch.randn(10, 784, generator=g) * 0.05)
+        teacher[1].bias.copy_(-teacher[1].weight.sum(1) * 0.5)  # boundaries through the cube's centre
+    x = torch.rand(CEILING_BD_SAMPLES, 1, 28, 28, generator=g)
+    pool = torch.rand(2000, 1, 28, 28, generator=g)
+    oracle = HardLabelOracle(teacher)
+    y, pool_y = oracle(x), oracle(pool)
+    idx = torch.cat([(pool_y == c).nonzero().squeeze(1)[:CEILING_REFS] for c in range(10)])
+    return teacher, x, y, pool[idx], pool_y[idx]
+
+
+def test_engine_ceiling(request, benchmark):
+    """Queries per second of BD and MBD against a zero-cost teacher, and MBD's rate over the rate at
+    which torch.randn alone fills probes of the MBD probe block's shape, in this process."""
+    from db3kd import HardLabelOracle
+    from db3kd.search import boundary_search, minimal_boundary_search
+    from db3kd.search.bisection import probe_slice
+
+    _REPORT.setdefault("command", " ".join(["uv run pytest", *request.config.invocation_params.args]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CEILING_THREADS)
+    try:
+        teacher, x, y, refs, ref_labels = _ceiling_setup()
+
+        def rate(run):
+            best = 0.0
+            for _ in range(2):  # best of two: the first pays warm-up
+                oracle = HardLabelOracle(teacher, batch_size=8192)
+                start = time.perf_counter()
+                run(oracle)
+                best = max(best, oracle.queries / (time.perf_counter() - start))
+            return best
+
+        bd = rate(lambda o: boundary_search(o, x, y, refs, ref_labels, 10, tol=1e-5))
+        mbd = benchmark.pedantic(lambda: rate(lambda o: minimal_boundary_search(
+            o, x[:CEILING_MBD_SAMPLES], y[:CEILING_MBD_SAMPLES], refs, ref_labels, 10, budget=2000,
+            num_directions=CEILING_Q, tol=1e-5)), rounds=1, iterations=1)
+        shape = (max(1, probe_slice("cpu") // CEILING_Q), CEILING_Q, 784)
+        out, fill = torch.empty(shape), 0.0
+        for _ in range(3):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 1.0:
+                torch.randn(shape, out=out)
+                n += shape[0] * shape[1]
+            fill = max(fill, n / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    _REPORT.update(engine_ceiling_bd_qps=bd, engine_ceiling_mbd_qps=mbd, engine_ceiling_randn_probes_per_second=fill,
+                   engine_ceiling_ratio_mbd=mbd / fill, engine_ceiling_threads=CEILING_THREADS)
+    benchmark.extra_info.update({k: _REPORT[k] for k in CEILING_GOALS})
+    _write_report()
+    for key, goal in CEILING_GOALS.items():
+        assert _REPORT[key] >= goal, (key, _REPORT[key], goal)
+
+
 _SCALING_SCRIPT = r"""
 import json, resource, sys, time, torch
 from db3kd import HardLabelOracle
@@ -333,12 +398,19 @@ def _write_report():
              "the teacher's bare forward peak at its best batch size, measured in the same process before and after "
              "(the higher peak is used). The peak itself varies by several per cent between the two measurements "
              "(`teacher_peak_before`, `teacher_peak_after`); an efficiency slightly above 1 means the engine runs at "
-             "the bare forward's speed within that spread.", ""]
+             "the bare forward's speed within that spread.", "",
+             f"Engine ceiling: BD ({CEILING_BD_SAMPLES} samples) and MBD ({CEILING_MBD_SAMPLES} samples, budget 2000, "
+             f"Q = {CEILING_Q}) against a nearly free teacher (a 784 -> 10 linear map), {CEILING_REFS} references per "
+             f"class, tol 1e-5, random 28x28 images, {CEILING_THREADS} threads, best of two runs; the ratio divides "
+             "MBD's rate by the rate at which torch.randn alone fills probes of the MBD probe block's shape in the "
+             "same process. Goals (issue 14): " + ", ".join(f"{k} >= {v:g}" for k, v in CEILING_GOALS.items()) + ".",
+             ""]
     for key in ("teacher_peak_images_per_second", "teacher_peak_before", "teacher_peak_after", "teacher_best_batch",
                 "bd_images_per_second", "mbd_images_per_second", "generation_images_per_second",
                 "oracle_efficiency_bd", "oracle_efficiency_mbd", "oracle_efficiency_generation", "bd_query_ratio",
                 "bd_queries_ours", "bd_queries_per_reference", "bd_max_distance_difference", "bd_queries_per_pair",
-                "bd_mean_distance", "mbd_queries_per_pair"):
+                "bd_mean_distance", "mbd_queries_per_pair", "engine_ceiling_bd_qps", "engine_ceiling_mbd_qps",
+                "engine_ceiling_randn_probes_per_second", "engine_ceiling_ratio_mbd", "engine_ceiling_threads"):
         if key in report:
             value = report[key]
             lines.append(f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}")

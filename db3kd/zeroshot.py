@@ -177,7 +177,7 @@ def _start_points(m: torch.Tensor, pool_y: torch.Tensor, num_classes: int, count
     """int64 (A, T): for each sample of class m[a], T random pool indices whose label is not m[a]."""
     # row c of `order` lists the pool indices labelled != c first (stable), `other[c]` of them
     order = torch.argsort((pool_y.unsqueeze(0) == torch.arange(num_classes, device=pool_y.device).unsqueeze(1)).to(
-        torch.int8), dim=1, stable=True)
+        torch.int32), dim=1, stable=True)
     other = (pool_y.unsqueeze(0) != torch.arange(num_classes, device=pool_y.device).unsqueeze(1)).sum(1)
     pick = gen.randint(other[m].clamp_min(1).unsqueeze(1), (m.shape[0], count))
     return order[m.unsqueeze(1), pick]
