@@ -12,7 +12,7 @@ from db3kd.search.bisection import bisect_segments, label_segment_points
 from db3kd.search.criteria import Criterion
 from db3kd.search.estimators import ESTIMATORS, PairKeys, sign_gradient
 
-__all__ = ["WalkConfig", "boundary_walk"]
+__all__ = ["WalkConfig", "boundary_walk", "predicted_cost"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,14 @@ class WalkConfig:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown MBD estimator {self.estimator!r}; valid: {', '.join(ESTIMATORS)}")
+
+
+def predicted_cost(r: torch.Tensor, cfg: WalkConfig) -> torch.Tensor:
+    """int64 (A,): the queries one more iteration is expected to cost, ``Q + 1 + ceil(log2(r / tol))``.
+
+    A prediction only (float32 bisection may need one more round): it decides whether a pair starts
+    an iteration; the budget itself is enforced exactly by the bisection."""
+    return cfg.num_directions + 1 + torch.ceil(torch.log2((r / cfg.tol).clamp_min(1.0))).long()
 
 
 def boundary_walk(
@@ -84,8 +92,7 @@ def boundary_walk(
     write_record()
     t = 0
     while True:
-        bisect_steps = torch.ceil(torch.log2((r / cfg.tol).clamp_min(1.0))).long()
-        active = alive & (xi >= cfg.min_step) & (used + q + 1 + bisect_steps <= budget)
+        active = alive & (xi >= cfg.min_step) & (used + predicted_cost(r, cfg) <= budget)
         rows = active.nonzero().squeeze(1)  # host synchronisation
         n = rows.numel()
         if n == 0:
