@@ -16,6 +16,12 @@ Definitions (measured in this process, on this machine):
   must be no larger at every query milestone (plot: ``results/performance-mbd-estimators.png``).
 * **HopSkipJump cross-check**: ART's HopSkipJump (extra ``crosscheck``) through our oracle on
   one (sample, closest class) pair per MBD sample; the per-pair distances must agree.
+* **engine ceiling** (``engine_ceiling_bd_qps``, ``engine_ceiling_mbd_qps``): queries per second of
+  BD and MBD (budget 2000, Q = 200) against a nearly free teacher (a 784 -> 10 linear map) on 2
+  threads; ``engine_ceiling_ratio_mbd`` divides the MBD rate by the rate at which ``torch.randn``
+  alone fills probes of the MBD probe block's shape in the same process. Asserted against the
+  goals of issue 14 (BD >= 300k, MBD >= 120k, ratio >= 0.5); meaningful on a quiet machine only.
+* GPU section: ``benchmarks/test_perf_gpu.py`` (``-m "perf and gpu"``).
 * **bd_query_ratio**: our BD queries divided by per-reference bisection's (every reference of a
   pair bisected independently to the same tolerance, no pruning) on the same samples; the
   distances agree within the tolerance (checked).
