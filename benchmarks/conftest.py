@@ -36,16 +36,11 @@ from pathlib import Path
 
 import pytest
 
+from db3kd.datasets import DATASETS as REGISTERED_DATASETS  # the dataset registry (light: no torch)
+
 HERE = Path(__file__).resolve().parent
 PROFILES = ("smoke", "cpu", "paper")
-DATASET_MARKERS = {
-    "digits": "scikit-learn 8x8 digits (embedded, needs no files)",
-    "mnist": "MNIST (torchvision layout under --data-root)",
-    "fmnist": "Fashion-MNIST (torchvision layout under --data-root)",
-    "cifar10": "CIFAR-10 (cifar-10-batches-py; smoke profile: synthetic copy when absent)",
-    "cifar100": "CIFAR-100 (cifar-100-python under --data-root)",
-    "flowers102": "Oxford Flowers102 (flowers-102 under --data-root)",
-}
+DATASET_MARKERS = {name: spec.description for name, spec in REGISTERED_DATASETS.items()}  # one per registry entry
 OTHER_MARKERS = {
     "slow": "long-running test, excluded from the default run (select with -m slow)",
     "gpu": "meant for a CUDA GPU (paper-profile benchmark cases)",

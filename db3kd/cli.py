@@ -11,19 +11,15 @@ import json
 import os
 import sys
 
-DATASET_CHOICES = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
 PROFILE_CHOICES = ("smoke", "cpu", "paper")
+RUN_DEFAULTS = {"dataset": "digits", "method": "db3kd-bd", "profile": "cpu", "seed": 0}
 
 
-def _parse_override(text: str):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key, parsed
+def dataset_choices() -> list[str]:
+    """The registered datasets (:mod:`db3kd.datasets`, no heavy imports)."""
+    from db3kd.datasets import dataset_names
+
+    return dataset_names()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,21 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
         "and the methods it is compared with.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    _add_methods(sub)
+    _add_leaderboard(sub)
+    return parser
 
+
+def _add_run(sub) -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="train or load the teacher, build labels through the oracle, train and evaluate a student",
         description="Run one method end to end. With no arguments: DB3KD-BD on scikit-learn's embedded 8x8 digits "
-        "(no download), cpu profile, seed 0.",
+        "(no download), cpu profile, seed 0. Every setting of the resolved configuration can be changed with "
+        "--set KEY=VALUE or a --config FILE.yaml (what --show-config prints); explicit options win over --set, "
+        "which wins over --config.",
     )
-    run.add_argument("--dataset", default="digits", choices=DATASET_CHOICES,
+    run.add_argument("--dataset", default=None, choices=dataset_choices(),
                      help="dataset (default: digits, embedded, needs no files)")
-    run.add_argument("--method", default="db3kd-bd",
+    run.add_argument("--method", default=None,
                      help="registered method name (default: db3kd-bd); `db3kd methods` lists them")
-    run.add_argument("--profile", default="cpu", choices=PROFILE_CHOICES,
+    run.add_argument("--profile", default=None, choices=PROFILE_CHOICES,
                      help="scale: paper = the paper's settings (GPU), cpu = reduced for 2 CPU cores, "
                      "smoke = seconds (default: cpu)")
-    run.add_argument("--seed", type=int, default=0, help="random seed for every RNG of the run (default: 0)")
+    run.add_argument("--seed", type=int, default=None, help="random seed for every RNG of the run (default: 0)")
     run.add_argument("--data-root", default=None,
                      help="folder holding the dataset files (default: $DB3KD_DATA, else ./data); "
                      "on these machines MNIST/Fashion-MNIST are in ../shared/datasets")
@@ -61,48 +65,101 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most teacher queries the method may spend in total; the run stops cleanly when they "
                      "are spent (with --run-dir, finished work is kept and a rerun with a larger budget continues)")
     run.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
-                     help="override a method hyperparameter, e.g. --set budget=2000 --set tau=0.5 (repeatable)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change any setting of the resolved configuration (repeatable): method parameters "
+                     "(tau=0.5, budget=2000, or params.tau=0.5), stage settings (student.epochs=5, teacher.arch=lenet5, "
+                     "student.train_subset=null, student.lr=1e-3), run settings (val_fraction=0.2, oracle_batch=512, "
+                     "query_budget=10000); values are YAML scalars")
+    run.add_argument("--config", default=None, metavar="FILE.yaml",
+                     help="load settings from a YAML file with the same keys (what --show-config prints loads back "
+                     "unchanged)")
+    run.add_argument("--variant", default=None, metavar="NAME",
+                     help="name this configuration in records, leaderboards and MLflow (default: 'default' for the "
+                     "default configuration, else the hash of what differs from it)")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of the text summary")
-    run.add_argument("--show-config", action="store_true", help="print the fully resolved configuration and exit")
+    run.add_argument("--show-config", action="store_true",
+                     help="print the fully resolved configuration as YAML (loadable with --config) and exit")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--record", action="store_true",
+                     help="write the run's record under RESULTS/records/ (as a benchmark case does; "
+                     "`db3kd leaderboard` tables it) and track it in MLflow unless --no-tracking")
+    run.add_argument("--results", default="results", metavar="RESULTS",
+                     help="results folder for --record (default: results)")
+    run.add_argument("--tracking-uri", default=None, metavar="URI",
+                     help="MLflow store for --record (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    run.add_argument("--no-tracking", action="store_true", help="with --record: do not log to MLflow")
+    return run
 
-    methods = sub.add_parser("methods", help="list the registered methods (name, teacher access, data, paper)")
-    methods.add_argument("--json", action="store_true", help="print a JSON list of objects with keys name, access, data, paper")
 
+def _add_methods(sub) -> argparse.ArgumentParser:
+    methods = sub.add_parser("methods", help="list the registered methods with their parameters and defaults",
+                             description="List the registered methods (name, teacher access, data, paper) with "
+                             "every parameter's paper default; with NAME, one method in detail (types, rules, "
+                             "per-profile values). Change a parameter with db3kd run --set NAME=VALUE.")
+    methods.add_argument("name", nargs="?", default=None, help="one method (default: all)")
+    methods.add_argument("--json", action="store_true",
+                         help="print a JSON list of objects with keys name, access, data, paper, params, "
+                         "profile_overrides")
+    return methods
+
+
+def _add_leaderboard(sub) -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="regenerate the leaderboard tables in results/ from the stored records",
                            description="Regenerate every table and plot from the records under RESULTS/records; "
                            "with --from-mlflow, first write the records of the tracked runs there.")
     board.add_argument("--results", default="results", help="results folder (default: results)")
     board.add_argument("--from-mlflow", default=None, metavar="URI", nargs="?", const="",
                        help="take the records from the FINISHED case runs of an MLflow store (record.json of each; "
-                       "the latest run per dataset, profile, method and seed), write them under RESULTS/records and "
-                       "regenerate the tables of those (dataset, profile) groups; URI default: $MLFLOW_TRACKING_URI, "
-                       "else sqlite:///mlflow.db")
-    return parser
+                       "the latest run per dataset, profile, method, variant and seed), write them under "
+                       "RESULTS/records and regenerate the tables of those (dataset, profile) groups; URI default: "
+                       "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    return board
+
+
+def config_from_args(args):
+    """The RunConfig of ``db3kd run``'s arguments: --config file, then --set, then explicit options."""
+    from db3kd.config import load_config_file, parse_set, resolve
+
+    settings = load_config_file(args.config) if args.config else {}
+    settings.update(parse_set(args.overrides))
+    ident = {}
+    for key, default in RUN_DEFAULTS.items():
+        value = settings.pop(key, default)
+        ident[key] = getattr(args, key) if getattr(args, key) is not None else value
+    variant = args.variant if args.variant is not None else settings.pop("variant", None)
+    settings.pop("variant", None)
+    return resolve(ident["dataset"], ident["method"], ident["profile"], ident["seed"], overrides=settings,
+                   teacher_file=args.teacher, query_budget=args.query_budget, variant=variant)
 
 
 def _cmd_run(args) -> int:
+    from db3kd.config import describe_diff
+
+    config = config_from_args(args)
+    if args.show_config:
+        from db3kd.config import dump_config
+
+        sys.stdout.write(dump_config(config))
+        return 0
     import torch
 
-    from db3kd.config import resolve
-    from db3kd.runner import run
-
-    config = resolve(args.dataset, args.method, args.profile, args.seed, method_overrides=dict(args.overrides),
-                     teacher_file=args.teacher, query_budget=args.query_budget)
-    if args.show_config:
-        print(json.dumps(config.to_dict(), indent=2, default=str))
-        return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    diff = describe_diff(_diff(config))
     if not args.json:
         print(f"db3kd run: {config.method} on {config.dataset}, profile {config.profile}, seed {config.seed}, "
-              f"config {config.config_hash()}", file=sys.stderr)
-    record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir,
-                 progress=not args.no_progress and sys.stderr.isatty())
+              f"config {config.config_hash()}, variant {config.variant}" + (f" ({diff})" if diff else ""),
+              file=sys.stderr)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.record:
+        record = _recorded_run(args, config, device, progress)
+    else:
+        from db3kd.runner import run
+
+        record = run(config, data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress)
     keys = ("dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
-            "queries_per_sample", "wall_seconds")
+            "queries_per_sample", "wall_seconds", "config_hash")
     if args.json:
-        print(json.dumps({k: record[k] for k in keys}))
+        print(json.dumps({**{k: record[k] for k in keys}, "variant": config.variant}))
     else:
         print(f"teacher accuracy        {record['teacher_accuracy']:.4f} (checkpoint {record['teacher_checkpoint']})")
         print(f"student accuracy        {record['student_accuracy']:.4f}")
@@ -113,23 +170,96 @@ def _cmd_run(args) -> int:
             print(f"{k:<24}{v:.4g}")
         for k, v in record["milestone_accuracy"].items():
             print(f"accuracy at {k} queries/pair: {v:.4f}")
-        if record.get("artifacts"):
+        if record.get("artifacts") and record.get("workdir"):
             where = record["workdir"] if args.run_dir else f"{record['workdir']} (temporary; --run-dir keeps runs resumable)"
             print(f"artifacts               {where}")
+        if record.get("record_path"):
+            print(f"record                  {record['record_path']} (`db3kd leaderboard --results {args.results}` "
+                  "tables it)")
+        if record.get("mlflow_run_id"):
+            print(f"MLflow run              {record['mlflow_run_id']} in {record['mlflow_tracking_uri']}")
     return 0
+
+
+def _diff(config) -> dict:
+    from db3kd.config import config_diff
+
+    return config_diff(config)
+
+
+def _recorded_run(args, config, device: str, progress: bool) -> dict:
+    """``db3kd run --record``: the benchmark harness's code path (:func:`db3kd.tracking.tracked_run`)."""
+    from db3kd.datasets import get_dataset
+    from db3kd.records import command_line
+    from db3kd.tracking import Tracker, new_session_id, tracked_run
+
+    data_root = None
+    if get_dataset(config.dataset).needs_files:
+        from db3kd.data import resolve_data_root
+
+        data_root = str(resolve_data_root(args.data_root))
+    command = ("uv run " if os.environ.get("UV_RUN_RECURSION_DEPTH") else "") + command_line(["db3kd", *args.argv])
+    session = new_session_id()
+    tracker = Tracker(args.tracking_uri, enabled=not args.no_tracking, session_id=session,
+                      session_name=f"db3kd run {session}", session_tags={"profile": config.profile, "command": command})
+    status = "FAILED"
+    try:
+        record = tracked_run(config, tracker, results_dir=args.results,
+                             enrich={"command": command, "data_root": data_root},
+                             data_root=args.data_root, device=device, run_dir=args.run_dir, progress=progress)
+        status = "FINISHED"
+    finally:
+        tracker.finish_session([config.dataset], status)
+    return record
 
 
 def _cmd_methods(args) -> int:
-    from db3kd.registry import method_table
+    from db3kd.registry import method_listing
 
-    table = method_table()
+    table = method_listing()
+    if args.name is not None:
+        table = [r for r in table if r["name"] == args.name]
+        if not table:
+            from db3kd.errors import ConfigError
+
+            names = ", ".join(r["name"] for r in method_listing())
+            raise ConfigError(f"unknown method {args.name!r}; valid methods: {names}")
     if args.json:
         print(json.dumps(table))
         return 0
+    if args.name is not None:
+        _print_method(table[0])
+        return 0
     width = max(len(r["name"]) for r in table)
+    print(f"{len(table)} methods; parameters at their paper defaults (change with db3kd run --set NAME=VALUE; "
+          "`db3kd methods NAME` shows types, rules and per-profile values)")
+    print(f"{'method':<{width}}  {'access':<9}  {'data':<8}  paper")
     for r in table:
         print(f"{r['name']:<{width}}  {r['access']:<9}  {r['data']:<8}  {r['paper']}")
+        params = "  ".join(f"{p['name']}={_fmt(p['default'], p['required'])}" for p in r["params"])
+        print(f"{'':<{width}}  {params or '(no parameters)'}")
     return 0
+
+
+def _fmt(value, required: bool = False) -> str:
+    if required:
+        return "<required>"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _print_method(r: dict) -> None:
+    print(f"{r['name']}: teacher access {r['access']}, data {r['data']}")
+    print(f"paper: {r['paper']}")
+    if not r["params"]:
+        print("parameters: none")
+    else:
+        rows = [(p["name"], p["type"], _fmt(p["default"], p["required"]), p["rule"]) for p in r["params"]]
+        widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(("parameter", "type", "default", "rule"))]
+        print("  ".join(h.ljust(w) for h, w in zip(("parameter", "type", "default", "rule"), widths)).rstrip())
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for key, values in r.get("profile_overrides", {}).items():
+        print(f"profile {key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
 
 def _cmd_leaderboard(args) -> int:
@@ -165,6 +295,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for records
     if args.command is None:
         parser.print_help()
         return 0

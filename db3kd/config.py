@@ -1,9 +1,10 @@
-"""Run configuration: profiles, validation and the resolved, hashable configuration of a run.
+"""Run configuration: profiles, one settings language, and the resolved, hashable configuration of a run.
 
-Every value a run uses sits in :data:`DATASETS` (what each dataset is) and :data:`PROFILES`
-(how much work each profile does); method hyperparameters live with their method
-(:mod:`db3kd.registry`). :func:`resolve` merges them into one :class:`RunConfig`, which every
-run prints or stores in full and hashes (:meth:`RunConfig.config_hash`) to address caches.
+Every value a run uses sits in three places: the dataset registry (:mod:`db3kd.datasets`: what
+each dataset is, and its per-profile settings), :data:`PROFILE_DEFAULTS` below (what each profile
+does for every dataset), and each method's ``Params`` (:mod:`db3kd.registry`). :func:`resolve`
+merges them into one :class:`RunConfig`, which every run prints or stores in full and hashes
+(:meth:`RunConfig.config_hash`) to address caches.
 
 Profiles:
 
@@ -12,35 +13,86 @@ Profiles:
 * ``cpu`` -- the same pipeline reduced to finish on 2 CPU cores: a fixed subset of training
   samples for label construction and student training, fewer references, smaller budgets/epochs.
 * ``smoke`` -- seconds, for tests.
+
+Settings language (``db3kd run --set KEY=VALUE``, ``--config FILE.yaml``, the harness's
+``--set``, and ``resolve(..., overrides=...)``) -- every key of the resolved configuration:
+
+* top-level keys: ``val_fraction``, ``oracle_batch``, ``query_budget``, ``teacher_file``,
+  ``image_size`` (and ``dataset``, ``method``, ``profile``, ``seed`` in a file);
+* stage keys ``teacher.<field>`` / ``student.<field>`` (:class:`StageConfig`: ``arch``,
+  ``epochs``, ``lr``, ``train_subset`` ...);
+* method parameters, bare (``tau=0.5``) or as ``params.tau``;
+* ``extra.<key>``: free-form values carried into the config (and its hash).
+
+Values are YAML scalars (``--set lr_milestones=[30,60]``, ``train_subset=null``), validated by
+pydantic; a bad key or value raises one :class:`~db3kd.errors.ConfigError` line naming the key,
+the value and the rule. What ``db3kd run --show-config`` prints (:func:`dump_config`) loads back
+with :func:`load_config_file` to the same configuration and config hash.
+
+Variants: :func:`config_diff` says what a configuration changes relative to the default of its
+(dataset, method, profile); :attr:`RunConfig.variant` names it -- the user's name, else
+``default`` when nothing differs, else the 8-hex-digit hash of the difference. Records are keyed
+by (dataset, profile, method, variant, seed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from db3kd.datasets import DATASETS, DatasetSpec, get_dataset
 from db3kd.errors import ConfigError
 
-__all__ = ["DATASETS", "PROFILES", "DatasetSpec", "StageConfig", "RunConfig", "resolve", "validate_model"]
+__all__ = [
+    "DATASETS",
+    "PROFILE_NAMES",
+    "PROFILE_DEFAULTS",
+    "DatasetSpec",
+    "StageConfig",
+    "RunConfig",
+    "resolve",
+    "validate_model",
+    "parse_value",
+    "parse_set",
+    "load_config_file",
+    "dump_config",
+    "config_diff",
+    "describe_diff",
+    "variant_of",
+    "diff_hash",
+    "profile_values",
+    "DEFAULT_VARIANT",
+    "TOP_LEVEL_KEYS",
+]
 
 PROFILE_NAMES = ("smoke", "cpu", "paper")
+DEFAULT_VARIANT = "default"
+IDENTITY_KEYS = ("dataset", "method", "profile", "seed")
+STAGES = ("teacher", "student")
+_VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,47}$")
 
 
-def validate_model(cls: type[BaseModel], values: dict[str, Any], *, where: str = "config") -> BaseModel:
-    """``cls(**values)`` turning pydantic's errors into one ConfigError naming key, value and rule."""
+def validate_model(cls: type[BaseModel], values: dict[str, Any], *, where: str = "config", prefix: str = "") -> BaseModel:
+    """``cls(**values)`` turning pydantic's errors into one ConfigError naming key, value and rule.
+
+    ``prefix`` is put before every key in the message (``teacher.`` gives ``teacher.epochs``).
+    """
     try:
         return cls(**values)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            key = prefix + (".".join(str(p) for p in err["loc"]) or "<root>")
             value = err.get("input")
             if err["type"] == "extra_forbidden":
-                allowed = ", ".join(sorted(cls.model_fields))
+                allowed = ", ".join(prefix + k for k in sorted(cls.model_fields))
                 lines.append(f"unknown {where} {key!r} (value {value!r}); allowed keys: {allowed}")
             else:
                 lines.append(f"invalid {where} {key}={value!r}: {err['msg']}")
@@ -77,71 +129,50 @@ class StageConfig(BaseModel):
         )
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What a dataset is in this suite: classes, the paper's teacher and student, input size."""
+class _TopLevel(BaseModel):
+    """The settable top-level keys of a run (their rules)."""
 
-    name: str
-    num_classes: int
-    teacher: str
-    student: str
-    image_size: int | None = None  # None = native
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    image_size: int | None = Field(default=None, ge=1)
+    oracle_batch: int = Field(default=4096, ge=1)
+    teacher_file: str | None = None
+    query_budget: int | None = Field(default=None, ge=0)
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("digits", 10, "lenet5", "lenet5-half"),
-    "mnist": DatasetSpec("mnist", 10, "lenet5", "lenet5-half"),
-    "fmnist": DatasetSpec("fmnist", 10, "lenet5", "lenet5-half"),
-    "cifar10": DatasetSpec("cifar10", 10, "alexnet", "alexnet-half"),
-    "cifar100": DatasetSpec("cifar100", 100, "resnet34", "resnet18"),
-    "flowers102": DatasetSpec("flowers102", 102, "resnet34", "resnet18", image_size=224),
-}
+TOP_LEVEL_KEYS = tuple(_TopLevel.model_fields)
 
-# PROFILES[profile][dataset] -> {"teacher": {...}, "student": {...}, "image_size": ..., "oracle_batch": ...}
-# "*" holds values shared by every dataset of the profile; a dataset entry updates it key by key.
+# ------------------------------------------------------------------------------------------------
+# profiles: the values shared by every dataset of a profile. A dataset's own values (its
+# registry entry's ``profiles``, db3kd/datasets.py) update these key by key.
+# ------------------------------------------------------------------------------------------------
 _LENET_TEACHER_PAPER = dict(epochs=200, batch_size=1024, lr=5e-4)  # authors' code (REFERENCE.md section 4)
-_ALEXNET_TEACHER_PAPER = dict(epochs=200, batch_size=1024, lr=0.1, optimizer="sgd", weight_decay=1e-4,
-                              lr_milestones=(60, 120))
-_RESNET_PAPER = dict(epochs=200, batch_size=128, lr=0.1, optimizer="sgd", weight_decay=5e-4,
-                     lr_milestones=(60, 120, 160), lr_gamma=0.2, augment="crop_flip")  # CIFAR-100 recipe
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {
-        "*": {"teacher": _LENET_TEACHER_PAPER, "student": dict(epochs=100, batch_size=512, lr=5e-3),
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paper": {"teacher": _LENET_TEACHER_PAPER, "student": dict(epochs=100, batch_size=512, lr=5e-3),
               "oracle_batch": 4096},
-        "digits": {"teacher": dict(epochs=100, batch_size=64, lr=1e-3)},
-        "cifar10": {"teacher": _ALEXNET_TEACHER_PAPER},
-        "cifar100": {"teacher": _RESNET_PAPER, "student": _RESNET_PAPER},
-        "flowers102": {"teacher": _RESNET_PAPER, "student": dict(_RESNET_PAPER, epochs=200, batch_size=32)},
-    },
-    "cpu": {
-        "*": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
-              "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=2000), "oracle_batch": 256},
-        "digits": {"teacher": dict(epochs=30, batch_size=64, lr=1e-3),
-                   "student": dict(epochs=40, batch_size=64, lr=5e-3, train_subset=None)},
-        "cifar10": {"teacher": dict(epochs=5, batch_size=128, lr=1e-3, train_subset=10000),
-                    "student": dict(epochs=10, batch_size=128, lr=1e-3, train_subset=1000)},
-        "cifar100": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3, train_subset=10000),
-                     "student": dict(epochs=5, batch_size=128, lr=1e-3, train_subset=1000)},
-        "flowers102": {"image_size": 64, "teacher": dict(epochs=10, batch_size=32, lr=1e-3),
-                       "student": dict(epochs=10, batch_size=32, lr=1e-3, train_subset=None)},
-    },
-    "smoke": {
-        "*": {"teacher": dict(epochs=1, batch_size=64, lr=1e-3, train_subset=2000),
+    "cpu": {"teacher": dict(epochs=3, batch_size=128, lr=1e-3),
+            "student": dict(epochs=20, batch_size=128, lr=5e-3, train_subset=2000), "oracle_batch": 256},
+    "smoke": {"teacher": dict(epochs=1, batch_size=64, lr=1e-3, train_subset=2000),
               "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200), "oracle_batch": 256},
-        "digits": {"teacher": dict(epochs=8, batch_size=64, lr=2e-3, train_subset=None),
-                   "student": dict(epochs=10, batch_size=32, lr=5e-3, train_subset=200)},
-        "cifar10": {"teacher": dict(epochs=2, batch_size=32, lr=1e-3, train_subset=None)},
-        "cifar100": {"teacher": dict(arch="resnet18", epochs=1, batch_size=32, lr=1e-3, train_subset=None),
-                     "student": dict(arch="resnet18", epochs=1, batch_size=32, lr=1e-3, train_subset=100)},
-        "flowers102": {"image_size": 32, "teacher": dict(arch="resnet18", epochs=1, batch_size=16, lr=1e-3),
-                       "student": dict(arch="resnet18", epochs=1, batch_size=16, lr=1e-3, train_subset=None)},
-    },
 }
+
+
+def profile_values(profile: str, dataset: str) -> dict[str, Any]:
+    """The merged profile settings of (profile, dataset): shared values updated by the dataset's own."""
+    merged: dict[str, Any] = {}
+    for table in (PROFILE_DEFAULTS[profile], get_dataset(dataset).profile(profile)):
+        for k, v in table.items():
+            merged[k] = {**merged.get(k, {}), **v} if isinstance(v, dict) else v
+    return merged
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The fully resolved configuration of one run. Everything that changes a result is in here."""
+    """The fully resolved configuration of one run. Everything that changes a result is in here.
+
+    ``variant_name`` (the user's ``--variant``) labels the configuration; it is not part of
+    :meth:`to_dict` or the hash (the same settings give the same hash whatever their name).
+    """
 
     dataset: str
     method: str
@@ -157,9 +188,11 @@ class RunConfig:
     query_budget: int | None = None  # total queries the method's oracle will answer (None = unlimited)
     val_fraction: float = 0.1
     extra: dict[str, Any] = field(default_factory=dict)
+    variant_name: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("variant_name")
         d["teacher"] = self.teacher.model_dump()
         d["student"] = self.student.model_dump()
         return d
@@ -172,14 +205,171 @@ class RunConfig:
     def with_seed(self, seed: int) -> "RunConfig":
         return replace(self, seed=seed)
 
+    def with_variant(self, name: str | None) -> "RunConfig":
+        """The same configuration labelled ``name`` (None: named by :func:`variant_of`). Raises ConfigError
+        for a malformed name, or ``default`` on a configuration that differs from the default."""
+        name = _check_variant_name(name)
+        if name == DEFAULT_VARIANT and config_diff(self):
+            raise ConfigError(f"invalid variant={name!r}: reserved for the default configuration, and this one "
+                              f"differs from it ({describe_diff(config_diff(self))})")
+        return replace(self, variant_name=name)
 
-def _merged(profile: str, dataset: str) -> dict[str, Any]:
-    table = PROFILES[profile]
-    merged: dict[str, Any] = {}
-    for key in ("*", dataset):
-        for k, v in table.get(key, {}).items():
-            merged[k] = {**merged.get(k, {}), **v} if isinstance(v, dict) else v
-    return merged
+    @property
+    def variant(self) -> str:
+        """The variant's name: the user's, else ``default``, else the hash of :func:`config_diff`."""
+        return variant_of(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# values and keys
+# ------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as YAML scalar / flow value: ``5`` -> 5, ``5e-4`` -> 0.0005, ``[30, 60]`` -> [30, 60],
+    ``null`` / ``None`` / empty -> None, ``true`` -> True; anything else stays a string."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        if value == "None":
+            return None
+        if _NUMBER.match(value.strip()):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+    return value
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["student.epochs=5", "tau=0.5"]`` -> ``{"student.epochs": 5, "tau": 0.5}`` (typed by :func:`parse_value`).
+
+    Later items win. Raises ConfigError for an item that is not ``KEY=VALUE``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key or any(c.isspace() for c in key):
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. student.epochs=5), got {item!r}")
+        out[key] = parse_value(value.strip())
+    return out
+
+
+def _flatten_sections(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested sections to dotted keys: {"teacher": {"epochs": 3}} -> {"teacher.epochs": 3};
+    ``method_params`` becomes ``params.``; an empty section contributes nothing."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key)
+        if key in (*STAGES, "method_params", "params", "extra") and isinstance(value, Mapping):
+            head = "params" if key == "method_params" else key
+            for sub, v in value.items():
+                out[f"{head}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML configuration file as flat/dotted settings (the keys :func:`resolve` takes as ``overrides``),
+    plus ``dataset``, ``method``, ``profile``, ``seed`` and ``variant`` when the file has them.
+
+    Accepts what :func:`dump_config` writes (nested ``teacher:``/``student:``/``method_params:``
+    sections) and flat dotted keys (``student.epochs: 5``). Raises ConfigError naming the file for
+    a missing file, invalid YAML or a top level that is not a mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"configuration file {path} is not valid YAML: {first[:300]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"configuration file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return _flatten_sections(data)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-shaped copy (tuples -> lists) for YAML / hashing."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def dump_config(config: RunConfig) -> str:
+    """The configuration as YAML that :func:`load_config_file` reads back to the same config hash.
+
+    A comment header names the config hash and the variant; a user-named variant is a key.
+    """
+    import yaml
+
+    diff = config_diff(config)
+    lines = ["# db3kd run configuration: `db3kd run --config FILE` loads it back (same config hash)",
+             f"# config hash: {config.config_hash()}",
+             f"# variant: {config.variant}" + (f" ({describe_diff(diff)})" if diff else "")]
+    body = _plain(config.to_dict())
+    if config.variant_name:
+        body["variant"] = config.variant_name
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+
+
+def _check_variant_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _VARIANT_RE.match(name):
+        raise ConfigError(f"invalid variant={name!r}: a variant name is 1-48 letters, digits or . _ + = - "
+                          "(starting with a letter or digit)")
+    return name
+
+
+def _split(settings: Mapping[str, Any], method: str, params_cls) -> tuple[dict, dict, dict, dict, dict]:
+    """Route settings to (identity, top-level, {stage: values}, method params, extra)."""
+    identity: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    stages: dict[str, dict[str, Any]] = {s: {} for s in STAGES}
+    params: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in _flatten_sections(settings).items():
+        head, dot, rest = key.partition(".")
+        if dot and head in STAGES:
+            stages[head][rest] = value
+        elif dot and head in ("params", "method_params"):
+            params[rest] = value
+        elif dot and head == "extra":
+            extra[rest] = value
+        elif key in IDENTITY_KEYS or key == "num_classes":
+            identity[key] = value
+        elif key in TOP_LEVEL_KEYS:
+            top[key] = value
+        elif not dot and key in params_cls.model_fields:
+            params[key] = value
+        elif key in (*STAGES, "params", "method_params", "extra"):
+            raise ConfigError(f"invalid setting {key}={value!r}: {key} is a section; set its keys as {key}.<name>")
+        else:
+            raise ConfigError(f"unknown setting {key!r} (value {value!r}); allowed keys: {_allowed(method, params_cls)}")
+    return identity, top, stages, params, extra
+
+
+def _allowed(method: str, params_cls) -> str:
+    stage = "|".join(StageConfig.model_fields)
+    names = ", ".join(sorted(params_cls.model_fields)) or "(none)"
+    return (f"{', '.join(TOP_LEVEL_KEYS)}, teacher.<{stage}>, student.<{stage}>, extra.<name>, "
+            f"and the parameters of method {method} (bare or params.<name>): {names}")
+
+
+# ------------------------------------------------------------------------------------------------
+# resolution
+# ------------------------------------------------------------------------------------------------
 
 
 def resolve(
@@ -188,14 +378,23 @@ def resolve(
     profile: str = "cpu",
     seed: int = 0,
     *,
-    method_overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    method_overrides: Mapping[str, Any] | None = None,
     teacher_file: str | None = None,
     query_budget: int | None = None,
+    variant: str | None = None,
 ) -> RunConfig:
-    """Resolve (dataset, method, profile, seed) into a :class:`RunConfig`.
+    """Resolve (dataset, method, profile, seed) and settings into a :class:`RunConfig`.
 
-    Raises ConfigError for an unknown dataset, method or profile, a negative seed, or a bad
-    method override (unknown key, wrong type, out of range).
+    overrides: settings in the language of the module docstring (``{"student.epochs": 5,
+    "tau": 0.5, "val_fraction": 0.2}``; nested sections as :func:`load_config_file` returns them
+    are accepted too; ``dataset``/``method``/``profile``/``seed`` keys must equal the arguments,
+    ``num_classes`` the dataset's); method_overrides: method parameters only (applied after
+    ``overrides``); teacher_file / query_budget: as the top-level keys, winning over
+    ``overrides``; variant: the user's name for this configuration (:attr:`RunConfig.variant`).
+
+    Raises ConfigError for an unknown dataset, method, profile or key, a negative seed, or a bad
+    value (wrong type, out of range), naming the key, the value and the rule.
     """
     from db3kd.registry import get_method
 
@@ -207,15 +406,90 @@ def resolve(
         raise ConfigError(f"invalid seed={seed!r}: must be an integer >= 0")
     if query_budget is not None and (isinstance(query_budget, bool) or not isinstance(query_budget, int) or query_budget < 0):
         raise ConfigError(f"invalid query_budget={query_budget!r}: must be an integer >= 0 (or None for unlimited)")
-    spec = DATASETS[dataset]
-    merged = _merged(profile, dataset)
-    teacher = validate_model(StageConfig, {"arch": spec.teacher, **merged["teacher"]}, where="teacher setting")
-    student = validate_model(StageConfig, {"arch": spec.student, **merged["student"]}, where="student setting")
     cls = get_method(method)
-    params = cls.Params.for_profile(profile, dataset, method_overrides)
-    return RunConfig(
+    spec = DATASETS[dataset]
+    identity, top, stages, params, extra = _split(overrides or {}, method, cls.Params)
+    given = {"dataset": dataset, "method": method, "profile": profile, "seed": seed, "num_classes": spec.num_classes}
+    for key, value in identity.items():
+        if value != given[key]:
+            rule = (f"the dataset {dataset} has {spec.num_classes} classes" if key == "num_classes"
+                    else f"pass it as the {key} argument (it is {given[key]!r})")
+            raise ConfigError(f"invalid setting {key}={value!r}: {rule}")
+    if teacher_file is not None:
+        top["teacher_file"] = str(teacher_file)
+    if query_budget is not None:
+        top["query_budget"] = query_budget
+    merged = profile_values(profile, dataset)
+    base_top = {"image_size": merged.get("image_size", spec.image_size),
+                "oracle_batch": merged.get("oracle_batch", 4096)}
+    run = validate_model(_TopLevel, {**base_top, **top}, where="setting")
+    stage_cfg = {}
+    for stage in STAGES:
+        values = {"arch": getattr(spec, stage), **merged[stage], **stages[stage]}
+        stage_cfg[stage] = validate_model(StageConfig, values, where="setting", prefix=f"{stage}.")
+    method_params = cls.Params.for_profile(profile, dataset, {**params, **(method_overrides or {})})
+    config = RunConfig(
         dataset=dataset, method=method, profile=profile, seed=seed, num_classes=spec.num_classes,
-        image_size=merged.get("image_size", spec.image_size), teacher=teacher, student=student,
-        method_params=params.model_dump(), oracle_batch=merged.get("oracle_batch", 4096), teacher_file=teacher_file,
-        query_budget=query_budget,
+        image_size=run.image_size, teacher=stage_cfg["teacher"], student=stage_cfg["student"],
+        method_params=method_params.model_dump(), oracle_batch=run.oracle_batch, teacher_file=run.teacher_file,
+        query_budget=run.query_budget, val_fraction=run.val_fraction, extra=dict(extra),
     )
+    return config.with_variant(variant) if variant is not None else config
+
+
+# ------------------------------------------------------------------------------------------------
+# variants
+# ------------------------------------------------------------------------------------------------
+
+
+def _flat_settings(d: Mapping[str, Any], param_names: set[str]) -> dict[str, Any]:
+    """A to_dict()-shaped config as settings keys; method parameters bare (``params.X`` if the name clashes)."""
+    out: dict[str, Any] = {}
+    for key, value in _plain(dict(d)).items():
+        if key in STAGES or key == "extra":
+            for sub, v in (value or {}).items():
+                out[f"{key}.{sub}"] = v
+        elif key == "method_params":
+            for sub, v in (value or {}).items():
+                clash = sub in TOP_LEVEL_KEYS or sub in IDENTITY_KEYS or sub in (*STAGES, "extra", "num_classes")
+                out[f"params.{sub}" if clash else sub] = v
+        elif key not in IDENTITY_KEYS and key != "variant":
+            out[key] = value
+    return out
+
+
+def config_diff(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """What ``config`` changes relative to the default resolution of its (dataset, method, profile, seed):
+    ``{setting key: value}`` in the settings language (``{"tau": 0.5, "student.epochs": 5}``), {} for the
+    default. ``config`` is a :class:`RunConfig` or its :meth:`~RunConfig.to_dict`. A key the default does
+    not have (or no longer has) counts as changed. Feeding the result back as ``overrides`` reproduces it.
+    """
+    d = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    default = resolve(d["dataset"], d["method"], d["profile"], int(d.get("seed", 0)))
+    names = set(default.method_params)
+    ours, base = _flat_settings(d, names), _flat_settings(default.to_dict(), names)
+    missing = object()
+    return {k: v for k, v in ours.items() if base.get(k, missing) != v}
+
+
+def describe_diff(diff: Mapping[str, Any]) -> str:
+    """``{"tau": 0.5, "student.epochs": 5}`` -> ``"tau=0.5, student.epochs=5"`` ("" for the default)."""
+    def text(v: Any) -> str:  # strings bare unless they hold characters a one-line header cannot show
+        return v if isinstance(v, str) and v.isprintable() else json.dumps(v)
+
+    return ", ".join(f"{k}={text(v)}" for k, v in diff.items())
+
+
+def diff_hash(diff: Mapping[str, Any]) -> str:
+    """8 hex digits of sha256 over the canonical JSON of a :func:`config_diff`."""
+    return hashlib.sha256(json.dumps(_plain(dict(diff)), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def variant_of(config: RunConfig | Mapping[str, Any], name: str | None = None) -> str:
+    """The variant of ``config``: ``name`` or the config's own ``variant_name`` when given, else
+    ``default`` when :func:`config_diff` is empty, else :func:`diff_hash` of the difference."""
+    name = name or (config.variant_name if isinstance(config, RunConfig) else None)
+    if name:
+        return name
+    diff = config_diff(config)
+    return DEFAULT_VARIANT if not diff else diff_hash(diff)

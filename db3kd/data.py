@@ -37,6 +37,8 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms as tv_transforms
 from torchvision.datasets.utils import calculate_md5
 
+from db3kd.datasets import DATASETS as _REGISTRY
+from db3kd.datasets import DatasetSpec
 from db3kd.errors import DB3KDError, DatasetNotFoundError
 
 __all__ = [
@@ -50,33 +52,18 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-#: Names accepted by :func:`load_dataset`.
-DATASETS = ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
-
-_NUM_CLASSES = {"digits": 10, "mnist": 10, "fmnist": 10, "cifar10": 10, "cifar100": 100, "flowers102": 102}
+#: Names accepted by :func:`load_dataset`: the dataset registry (:data:`db3kd.datasets.DATASETS`), a
+#: read-only mapping name -> :class:`~db3kd.datasets.DatasetSpec`.
+DATASETS = _REGISTRY
 
 #: Default side length for Flowers102 images when ``image_size`` is not given.
-FLOWERS102_DEFAULT_SIZE = 224
+FLOWERS102_DEFAULT_SIZE = _REGISTRY["flowers102"].image_size
 
 #: Native side length of the ``digits`` images after upsampling (the sklearn originals are 8x8).
-DIGITS_SIZE = 16
+DIGITS_SIZE = _REGISTRY["digits"].input_shape[-1]
 
-# SHA-256 of the *decompressed* IDX files (from shared/datasets/SHA256SUMS.raw.txt). They identify the official
-# content whatever the compression, so a copy that verifies is the real dataset.
-MNIST_SHA256 = {
-    "MNIST": {
-        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    },
-    "FashionMNIST": {
-        "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-        "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-        "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-        "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-    },
-}
+# SHA-256 of the decompressed IDX files, per torchvision folder (from the registry's entries).
+MNIST_SHA256 = {spec.folder: dict(spec.checksums) for spec in (_REGISTRY["mnist"], _REGISTRY["fmnist"])}
 
 _HINT_DATA_ROOT = "pass --data-root DIR or set the environment variable DB3KD_DATA"
 _HINT_DOWNLOAD = "where there is internet access, pass --download (torchvision download=True) to fetch the files"
@@ -203,7 +190,7 @@ def load_dataset(
     """Load a dataset as uint8 train/val/test tensors.
 
     Args:
-        name: one of :data:`DATASETS` (case-insensitive).
+        name: one of :data:`DATASETS` (case-insensitive); its registry entry names the loader.
         data_root: folder holding the dataset files in torchvision's layout; default :func:`resolve_data_root`
             (env ``DB3KD_DATA``, else ``./data``). Never written to, except by ``download=True``. Unused for
             ``digits``.
@@ -235,14 +222,10 @@ def load_dataset(
         raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
     image_size = None if image_size is None else int(image_size)
 
-    if key == "digits":
-        return _load_digits(float(val_fraction), image_size)
-    root = resolve_data_root(data_root)
-    if key in ("mnist", "fmnist"):
-        return _load_mnist_like(key, root, float(val_fraction), image_size, download, resolve_cache_dir(cache_dir))
-    if key in ("cifar10", "cifar100"):
-        return _load_cifar(key, root, float(val_fraction), image_size, download)
-    return _load_flowers102(root, image_size or FLOWERS102_DEFAULT_SIZE, download)
+    spec = DATASETS[key]
+    root = resolve_data_root(data_root) if spec.needs_files else None
+    return spec.load_fn()(spec, root, val_fraction=float(val_fraction), image_size=image_size, download=download,
+                          cache_dir=resolve_cache_dir(cache_dir))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,7 +256,7 @@ def _make_splits(name, train_x, train_y, test_x, test_y, val_fraction, image_siz
     tr, va = _val_split(len(train_y), val_fraction)
     return DataSplits(
         name=name,
-        num_classes=_NUM_CLASSES[name],
+        num_classes=DATASETS[name].num_classes,
         train_x=_resize(train_x[tr].contiguous(), image_size),
         train_y=train_y[tr].to(torch.int64).contiguous(),
         val_x=_resize(train_x[va].contiguous(), image_size),
@@ -286,7 +269,7 @@ def _make_splits(name, train_x, train_y, test_x, test_y, val_fraction, image_siz
 
 def _check_arrays(name: str, what: str, x: torch.Tensor, y: torch.Tensor, channels: int, hw: tuple | None) -> None:
     """Validate loaded (N, C, H, W) uint8 images and labels; raise DatasetNotFoundError describing the problem."""
-    n_cls = _NUM_CLASSES[name]
+    n_cls = DATASETS[name].num_classes
     problem = None
     if x.ndim != 4 or x.shape[1] != channels:
         problem = f"expected images of shape (N, {channels}, H, W), got {tuple(x.shape)}"
@@ -352,28 +335,27 @@ def _files_not_found(key: str, root: Path, looked: list[str], how: str) -> Datas
     )
 
 
-def _load_digits(val_fraction: float, image_size: int | None) -> DataSplits:
+def load_digits(spec: DatasetSpec, root: Path | None, *, val_fraction: float, image_size: int | None,
+                download: bool = False, cache_dir: Path | None = None) -> DataSplits:
+    """scikit-learn's embedded digits, upsampled to ``spec.input_shape`` (no files, ``root`` unused)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x8 = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) * (255.0 / 16.0)  # (1797, 1, 8, 8), 0..255
-    size = image_size or DIGITS_SIZE
+    size = image_size or spec.input_shape[-1]
     x = F.interpolate(x8, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)
     x = x.round_().clamp_(0, 255).to(torch.uint8)
     y = torch.as_tensor(d.target, dtype=torch.int64)
     idx_rest, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=0)
     idx_rest = torch.as_tensor(np.sort(idx_rest))
     idx_test = torch.as_tensor(np.sort(idx_test))
-    return _make_splits("digits", x[idx_rest], y[idx_rest], x[idx_test], y[idx_test], val_fraction, None, "sklearn")
+    return _make_splits(spec.name, x[idx_rest], y[idx_rest], x[idx_test], y[idx_test], val_fraction, None, "sklearn")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # MNIST / Fashion-MNIST
 # --------------------------------------------------------------------------------------------------------------------
-
-_MNIST_INFO = {"mnist": ("MNIST", tv_datasets.MNIST), "fmnist": ("FashionMNIST", tv_datasets.FashionMNIST)}
-
 
 def _locate_mnist_files(raw_dir: Path, files) -> dict[str, list[Path]]:
     """For each IDX file name, the existing candidates in preference order (uncompressed first, then ``.gz``)."""
@@ -464,11 +446,13 @@ def _extract_verified(src_gz: Path, dest: Path, expected: str) -> str | None:
         tmp.unlink(missing_ok=True)
 
 
-def _load_mnist_like(
-    key: str, root: Path, val_fraction: float, image_size: int | None, download: bool, cache_dir: Path
-) -> DataSplits:
-    folder, tv_cls = _MNIST_INFO[key]
-    checksums = MNIST_SHA256[folder]
+def load_mnist_like(spec: DatasetSpec, root: Path, *, val_fraction: float, image_size: int | None,
+                    download: bool = False, cache_dir: Path) -> DataSplits:
+    """An MNIST-format dataset: the IDX files ``spec.checksums`` under ``<root>/<spec.folder>/raw/``, read by
+    torchvision's ``spec.options["torchvision_class"]`` (MNIST, FashionMNIST, ...)."""
+    key, folder, checksums = spec.name, spec.folder, dict(spec.checksums)
+    tv_cls = getattr(tv_datasets, spec.options["torchvision_class"])
+    hw = tuple(spec.input_shape[1:])
     raw_dir = root / folder / "raw"
     found = _locate_mnist_files(raw_dir, checksums)
 
@@ -534,8 +518,8 @@ def _load_mnist_like(
             f"{key}: torchvision could not read the files in {read_root / folder / 'raw'} "
             f"({type(e).__name__}: {e})"
         ) from e
-    _check_arrays(key, f"train files in {read_root / folder / 'raw'}", train_x, train_y, 1, (28, 28))
-    _check_arrays(key, f"test files in {read_root / folder / 'raw'}", test_x, test_y, 1, (28, 28))
+    _check_arrays(key, f"train files in {read_root / folder / 'raw'}", train_x, train_y, spec.channels, hw)
+    _check_arrays(key, f"test files in {read_root / folder / 'raw'}", test_x, test_y, spec.channels, hw)
     return _make_splits(key, train_x, train_y, test_x, test_y, val_fraction, image_size, raw_dir)
 
 
@@ -572,7 +556,7 @@ class _CIFAR100Files(_CIFAR10Files):
     meta = tv_datasets.CIFAR100.meta
 
 
-_CIFAR_INFO = {"cifar10": _CIFAR10Files, "cifar100": _CIFAR100Files}
+_CIFAR_INFO = {"CIFAR10": _CIFAR10Files, "CIFAR100": _CIFAR100Files}
 
 
 def _diagnose_cifar(cls, base: Path, num_classes: int) -> list[str]:
@@ -625,10 +609,14 @@ def _warn_if_unofficial(name: str, checks: list[tuple[Path, str]]) -> None:
         )
 
 
-def _load_cifar(key: str, root: Path, val_fraction: float, image_size: int | None, download: bool) -> DataSplits:
-    cls = _CIFAR_INFO[key]
+def load_cifar(spec: DatasetSpec, root: Path, *, val_fraction: float, image_size: int | None,
+               download: bool = False, cache_dir: Path | None = None) -> DataSplits:
+    """A CIFAR-format dataset (torchvision's pickle batches), ``spec.options["torchvision_class"]`` CIFAR10 or
+    CIFAR100; contents are validated here and unofficial files (md5) warned about."""
+    key = spec.name
+    cls = _CIFAR_INFO[spec.options["torchvision_class"]]
     base = root / cls.base_folder
-    num_classes = _NUM_CLASSES[key]
+    num_classes = spec.num_classes
     files = [base / f for f, _ in cls.train_list + cls.test_list] + [base / cls.meta["filename"]]
 
     _fetch_if_missing(key, root, download, lambda: not all(p.is_file() for p in files),
@@ -657,8 +645,8 @@ def _load_cifar(key: str, root: Path, val_fraction: float, image_size: int | Non
             f"{key}: dataset files are truncated or corrupt:\n" + "\n".join(f"  {p}" for p in problems)
         ) from e
     try:
-        _check_arrays(key, f"training batches in {base}", tr_x, tr_y, 3, (32, 32))
-        _check_arrays(key, f"test batch in {base}", te_x, te_y, 3, (32, 32))
+        _check_arrays(key, f"training batches in {base}", tr_x, tr_y, spec.channels, tuple(spec.input_shape[1:]))
+        _check_arrays(key, f"test batch in {base}", te_x, te_y, spec.channels, tuple(spec.input_shape[1:]))
         if n_names != num_classes:
             raise DatasetNotFoundError(f"{key}: {base / cls.meta['filename']} lists {n_names} classes, not {num_classes}")
     except DatasetNotFoundError as e:
@@ -688,20 +676,24 @@ class _Flowers102Files(tv_datasets.Flowers102):
         return all((self._base_folder / self._file_dict[k][0]).is_file() for k in ("label", "setid"))
 
 
-def _load_flowers102(root: Path, image_size: int, download: bool) -> DataSplits:
+def load_flowers102(spec: DatasetSpec, root: Path, *, val_fraction: float, image_size: int | None,
+                    download: bool = False, cache_dir: Path | None = None) -> DataSplits:
+    """Oxford Flowers102 with its official train/val/test split (``val_fraction`` unused), resized and
+    centre-cropped to ``image_size`` (default ``spec.image_size``)."""
+    image_size = image_size or spec.image_size or spec.input_shape[-1]
     cls = _Flowers102Files
-    base = root / "flowers-102"
+    base = root / spec.folder
     needed = [base / "jpg", base / cls._file_dict["label"][0], base / cls._file_dict["setid"][0]]
 
     def _missing() -> list[Path]:
         return [p for p in needed if not (p.is_dir() if p.name == "jpg" else p.is_file())]
 
-    _fetch_if_missing("flowers102", root, download, lambda: bool(_missing()),
+    _fetch_if_missing(spec.name, root, download, lambda: bool(_missing()),
                       lambda: cls(str(root), split="train", download=True))
     missing = _missing()
     if missing:
         raise _files_not_found(
-            "flowers102", root, [f"{p}{'/ (folder of image_NNNNN.jpg)' if p.name == 'jpg' else ''}" for p in missing],
+            spec.name, root, [f"{p}{'/ (folder of image_NNNNN.jpg)' if p.name == 'jpg' else ''}" for p in missing],
             f"{_HINT_DOWNLOAD}, or unpack 102flowers.tgz and put imagelabels.mat and setid.mat "
             f"into {base} ({_HINT_DATA_ROOT}). There is no offline copy on these machines; for tests, "
             f"db3kd.fakedata.write_fake_flowers102(root) writes a small fake copy in the same format.",
@@ -718,7 +710,7 @@ def _load_flowers102(root: Path, image_size: int, download: bool) -> DataSplits:
         except Exception as e:  # noqa: BLE001
             _reraise(e)
             raise DatasetNotFoundError(
-                f"flowers102: cannot read the {split} split from {base / 'setid.mat'} and {base / 'imagelabels.mat'}: "
+                f"{spec.name}: cannot read the {split} split from {base / 'setid.mat'} and {base / 'imagelabels.mat'}: "
                 f"truncated or corrupt ({type(e).__name__}: {e})"
             ) from e
         x = torch.empty((len(files), 3, image_size, image_size), dtype=torch.uint8)
@@ -730,21 +722,21 @@ def _load_flowers102(root: Path, image_size: int, download: bool) -> DataSplits:
                 _reraise(e)
                 problem = "missing" if not Path(path).is_file() else "truncated or corrupt"
                 raise DatasetNotFoundError(
-                    f"flowers102: image {path} (listed in setid.mat, {split} split) is {problem} "
+                    f"{spec.name}: image {path} (listed in setid.mat, {split} split) is {problem} "
                     f"({type(e).__name__}: {e})"
                 ) from e
             if t.shape != (3, image_size, image_size):
                 raise DatasetNotFoundError(
-                    f"flowers102: image {path} has wrong shape or channel count {tuple(t.shape)} after resizing"
+                    f"{spec.name}: image {path} has wrong shape or channel count {tuple(t.shape)} after resizing"
                 )
             x[i] = t
         y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        _check_arrays("flowers102", f"the {split} split in {base}", x, y, 3, (image_size, image_size))
+        _check_arrays(spec.name, f"the {split} split in {base}", x, y, 3, (image_size, image_size))
         out[split] = (x, y)
-    _warn_if_unofficial("flowers102", [(base / f, md5) for k, (f, md5) in cls._file_dict.items() if k != "image"])
+    _warn_if_unofficial(spec.name, [(base / f, md5) for k, (f, md5) in cls._file_dict.items() if k != "image"])
     return DataSplits(
-        name="flowers102",
-        num_classes=_NUM_CLASSES["flowers102"],
+        name=spec.name,
+        num_classes=spec.num_classes,
         train_x=out["train"][0],
         train_y=out["train"][1],
         val_x=out["val"][0],

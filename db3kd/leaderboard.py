@@ -8,8 +8,10 @@ Tables, per (dataset, profile), written by :func:`write_group` / :func:`write_al
     results/<dataset>/configs/<config_hash>.json   (the exact resolved config of every cell)
     results/<dataset>/<profile>-accuracy-vs-queries.png, <profile>-mbd-heatmap.png  (db3kd.plots)
 
-One row per method: reference rows (methods with ``reference_row=True``, e.g. teacher / student
-cross-entropy) first, then by mean student accuracy, best first. Accuracies are percentages of
+One row per (method, variant): reference rows (methods with ``reference_row=True``, e.g. teacher /
+student cross-entropy) first, then by mean student accuracy, best first. The ``variant`` column
+names each configuration and says what it changes from the default of its (dataset, method,
+profile) (``tau05: tau=0.5, student.epochs=5``); records without a variant are ``default``. Accuracies are percentages of
 the test split; ``accuracy kind`` says which student is scored (``final``: the last epoch, no
 model selection on the test set).
 
@@ -17,6 +19,8 @@ Regression gates (:func:`check_gate`) compare one run with the stored reference 
 (dataset, profile) in ``benchmarks/references/<dataset>-<profile>.json``::
 
     {method: {"student_accuracy": mean, "tolerance": t, "queries_per_sample": q, ...}}
+
+(a variant other than ``default`` has its own key ``method@variant``).
 
 A run fails when ``student_accuracy < reference - tolerance`` or when ``queries_per_sample``
 exceeds the reference (the reference of the same seed when stored, else the largest over seeds).
@@ -41,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from db3kd.records import group_records, json_safe, load_records, write_json_atomic
+from db3kd.records import group_records, json_safe, load_records, record_variant, variant_label, write_json_atomic
 
 __all__ = [
     "TOLERANCE_FLOOR",
@@ -121,16 +125,17 @@ def _method_meta(method: str, records: list[dict]) -> tuple[bool, float | None]:
 def aggregate(records: Iterable[dict]) -> list[dict]:
     """One dict per method of the given records (one dataset and profile), in leaderboard order.
 
-    Keys: method, reference_row, teacher_access, data, n, seeds, student_mean/std (fractions),
+    Keys: method, variant, config_diff ({setting: value} it changes from the default), reference_row,
+    teacher_access, data, n, seeds, student_mean/std (fractions),
     paper (percent or None), queries_per_sample, wall_seconds, accuracy_kind, teacher_mean/std,
     teacher_checkpoints (digests of the teacher's weights),
     config_hashes ({seed: hash}), configs ({hash: config dict}), data_source.
     """
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault((r["method"], record_variant(r)), []).append(r)
     rows = []
-    for method, rs in by_method.items():
+    for (method, variant), rs in by_method.items():
         rs = sorted(rs, key=lambda r: int(r["seed"]))
         accs = [float(r["student_accuracy"]) for r in rs if r.get("student_accuracy") is not None]
         teach = [float(r["teacher_accuracy"]) for r in rs if r.get("teacher_accuracy") is not None]
@@ -141,6 +146,8 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         t_mean, t_std = _mean_std(teach)
         rows.append({
             "method": method,
+            "variant": variant,
+            "config_diff": next((r["config_diff"] for r in rs if r.get("config_diff")), {}),
             "reference_row": ref,
             "teacher_access": ", ".join(_unique(r.get("teacher_access") for r in rs)) or "?",
             "data": ", ".join(_unique(r.get("data") for r in rs)) or "?",
@@ -161,8 +168,18 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
         })
     rows.sort(key=lambda row: (not row["reference_row"],
                                -(row["student_mean"] if math.isfinite(row["student_mean"]) else -1.0),
-                               row["method"]))
+                               row["method"], row["variant"] != "default", row["variant"]))
     return rows
+
+
+def variant_cell(row: dict) -> str:
+    """``default``, or ``<variant>: <what differs>`` (``tau05: tau=0.5, student.epochs=5``)."""
+    from db3kd.config import describe_diff
+
+    diff = describe_diff(row.get("config_diff") or {})
+    if row["variant"] == "default":
+        return "default"
+    return f"{row['variant']}: {diff}" if diff else f"{row['variant']}: (the default configuration)"
 
 
 def _pct(v: float | None, digits: int = 2) -> str:
@@ -183,19 +200,26 @@ def _num(v: float | None, fmt: str) -> str:
 # tables
 # ------------------------------------------------------------------------------------------------
 
-_COLUMNS = ["method", "teacher access", "data", "student acc. % (mean ± std, n seeds)", "paper %",
+_COLUMNS = ["method", "variant", "teacher access", "data", "student acc. % (mean ± std, n seeds)", "paper %",
             "teacher queries / sample", "wall time (s)", "accuracy kind", "teacher acc. %",
             "teacher checkpoint", "config"]
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """The table's columns: ``variant`` only when some row is not the default configuration."""
+    return _COLUMNS if any(row["variant"] != "default" for row in rows) else [c for c in _COLUMNS if c != "variant"]
+
+
 def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
+    """One list of cells per row, in the order of :func:`_columns`."""
+    show_variant = "variant" in _columns(rows)
     out = []
     for row in rows:
         name = row["method"] + (" (reference)" if row["reference_row"] else "")
         configs = " ".join(
             (f"[s{seed}](configs/{h}.json)" if links else f"s{seed}: {h}") for seed, h in sorted(row["config_hashes"].items()))
         out.append([
-            name, row["teacher_access"], row["data"],
+            name, variant_cell(row), row["teacher_access"], row["data"],
             _acc_cell(row["student_mean"], row["student_std"], row["n"]),
             "–" if row["paper"] is None else f"{float(row['paper']):.2f}",
             _num(row["queries_per_sample"], ".1f"), _num(row["wall_seconds"], ".1f"), row["accuracy_kind"],
@@ -203,6 +227,8 @@ def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
             ", ".join(h[:12] for h in row["teacher_checkpoints"]) or "–",
             configs or "–",
         ])
+        if not show_variant:
+            del out[-1][1]
     return out
 
 
@@ -273,7 +299,8 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     # markdown
     plot_files = plots.write_plots(records, out_dir, profile)
     lines = _header_lines(records, dataset, profile, results_dir)
-    lines.append(tabulate(_display_rows(rows, links=True), headers=_COLUMNS, tablefmt="github", disable_numparse=True))
+    lines.append(tabulate(_display_rows(rows, links=True), headers=_columns(rows), tablefmt="github",
+                          disable_numparse=True))
     lines.append("")
     if plot_files:
         lines.append("## Plots")
@@ -281,7 +308,8 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
         for p in plot_files:
             lines.append(f"![{p.stem}]({p.name})")
             lines.append("")
-    figures = [(f"{r['method']}-s{r['seed']}", name, rel) for r in sorted(records, key=lambda r: (r["method"], int(r["seed"])))
+    figures = [(f"{variant_label(r['method'], r.get('variant'))}-s{r['seed']}", name, rel)
+               for r in sorted(records, key=lambda r: (r["method"], record_variant(r), int(r["seed"])))
                for name, rel in sorted((r.get("figures") or {}).items()) if (out_dir / rel).is_file()]
     if figures:
         lines += ["## Method figures", ""]
@@ -295,7 +323,8 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
     csv_rows = []
     for row in rows:
         csv_rows.append({
-            "method": row["method"], "reference_row": row["reference_row"], "teacher_access": row["teacher_access"],
+            "method": row["method"], "variant": row["variant"], "config_diff": variant_cell(row),
+            "reference_row": row["reference_row"], "teacher_access": row["teacher_access"],
             "data": row["data"], "student_accuracy_pct_mean": _round(100 * row["student_mean"]),
             "student_accuracy_pct_std": _round(100 * row["student_std"]), "n_seeds": row["n"],
             "seeds": " ".join(map(str, row["seeds"])), "paper_accuracy_pct": row["paper"],
@@ -311,10 +340,12 @@ def write_group(records: list[dict], results_dir: str | os.PathLike, dataset: st
 
     # latex
     tex_rows = [[_latex_escape(c) for c in r] for r in _display_rows(rows, links=False)]
+    columns = _columns(rows)
+    acc_cols = [i for i, c in enumerate(columns) if c.startswith(("student acc.", "teacher acc."))]
     for r in tex_rows:
-        r[3] = r[3].replace("±", r"$\pm$")
-        r[8] = r[8].replace("±", r"$\pm$")
-    frame = pd.DataFrame(tex_rows, columns=[_latex_escape(c).replace("±", r"$\pm$") for c in _COLUMNS])
+        for i in acc_cols:
+            r[i] = r[i].replace("±", r"$\pm$")
+    frame = pd.DataFrame(tex_rows, columns=[_latex_escape(c).replace("±", r"$\pm$") for c in columns])
     caption = (f"{dataset}, profile {profile}: student test accuracy (\\%, mean $\\pm$ std over "
                f"{len({int(r['seed']) for r in records})} seed(s)), generated from records by db3kd leaderboard.")
     if any(r.get("data_source", "official") != "official" for r in records):
@@ -406,10 +437,11 @@ def load_references(references_dir: str | os.PathLike, dataset: str, profile: st
 
 
 def build_references(records: Iterable[dict], profile: str) -> dict[str, dict]:
-    """{method: reference} from records of one (dataset, profile): mean accuracy, tolerance, max queries."""
+    """{method: reference} from records of one (dataset, profile): mean accuracy, tolerance, max queries.
+    A variant other than ``default`` is keyed ``method@variant``."""
     by_method: dict[str, list[dict]] = {}
     for r in records:
-        by_method.setdefault(r["method"], []).append(r)
+        by_method.setdefault(variant_label(r["method"], record_variant(r)), []).append(r)
     out = {}
     for method, rs in sorted(by_method.items()):
         rs = sorted(rs, key=lambda r: int(r["seed"]))
@@ -456,7 +488,7 @@ class GateResult:
 
 def check_gate(record: dict, references: dict[str, dict]) -> GateResult:
     """Gate one run record against ``references`` ({method: reference}) of its (dataset, profile)."""
-    method = record["method"]
+    method = variant_label(record["method"], record_variant(record))
     ref = references.get(method)
     case = f"{record['dataset']}-{method}-s{record['seed']} ({record['profile']})"
     if not ref:

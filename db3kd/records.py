@@ -1,8 +1,13 @@
-"""Run records on disk: one JSON file per (dataset, profile, method, seed).
+"""Run records on disk: one JSON file per (dataset, profile, method, variant, seed).
 
 Layout (``results_dir`` is ``results/`` in the repository)::
 
-    results/records/<dataset>/<profile>/<method>-s<seed>.json
+    results/records/<dataset>/<profile>/<method>-s<seed>.json             (variant "default")
+    results/records/<dataset>/<profile>/<method>@<variant>-s<seed>.json   (any other variant)
+
+The variant (:attr:`db3kd.config.RunConfig.variant`) is the user's name for a configuration or
+the hash of what it changes from the default; a record without the key (written before variants
+existed) is variant ``default``, so its file name is unchanged.
 
 A record is the dict :func:`db3kd.runner.run` returns plus what is needed to trust and reproduce
 it (added by :func:`enrich`): the resolved configuration (``config``), the command that produced
@@ -47,20 +52,34 @@ __all__ = [
     "git_commit",
     "command_line",
     "case_id",
+    "variant_label",
+    "record_variant",
 ]
 
 RECORD_VERSION = 1
+DEFAULT_VARIANT = "default"
 _REQUIRED = ("dataset", "profile", "method", "seed", "student_accuracy")
 
 
-def case_id(dataset: str, method: str, seed: int) -> str:
-    """The benchmark case id, e.g. ``mnist-db3kd-mbd-s0`` (also the MLflow run name)."""
-    return f"{dataset}-{method}-s{int(seed)}"
+def variant_label(method: str, variant: str | None = None) -> str:
+    """``method`` for the default variant, else ``method@variant`` (file names, run names, reference keys)."""
+    return method if not variant or variant == DEFAULT_VARIANT else f"{method}@{variant}"
 
 
-def record_path(results_dir: str | os.PathLike, dataset: str, profile: str, method: str, seed: int) -> Path:
-    """``<results_dir>/records/<dataset>/<profile>/<method>-s<seed>.json``."""
-    return Path(results_dir) / "records" / dataset / profile / f"{method}-s{int(seed)}.json"
+def record_variant(record: dict) -> str:
+    """The record's variant; ``default`` for a record without one."""
+    return record.get("variant") or DEFAULT_VARIANT
+
+
+def case_id(dataset: str, method: str, seed: int, variant: str | None = None) -> str:
+    """The benchmark case id, e.g. ``mnist-db3kd-mbd-s0`` or ``mnist-db3kd-mbd@tau05-s0`` (also the MLflow run name)."""
+    return f"{dataset}-{variant_label(method, variant)}-s{int(seed)}"
+
+
+def record_path(results_dir: str | os.PathLike, dataset: str, profile: str, method: str, seed: int,
+                variant: str | None = None) -> Path:
+    """``<results_dir>/records/<dataset>/<profile>/<method>[@<variant>]-s<seed>.json`` (no suffix for ``default``)."""
+    return Path(results_dir) / "records" / dataset / profile / f"{variant_label(method, variant)}-s{int(seed)}.json"
 
 
 def json_safe(obj: Any) -> Any:
@@ -121,7 +140,8 @@ def write_record(record: dict, results_dir: str | os.PathLike = "results") -> Pa
     missing = [k for k in _REQUIRED if k not in record]
     if missing:
         raise ValueError(f"record lacks required key(s) {missing}; it has {sorted(record)}")
-    path = record_path(results_dir, record["dataset"], record["profile"], record["method"], record["seed"])
+    path = record_path(results_dir, record["dataset"], record["profile"], record["method"], record["seed"],
+                       record_variant(record))
     return write_json_atomic({k: v for k, v in record.items() if k not in ("record_path", "_path")}, path)
 
 
@@ -266,6 +286,15 @@ def enrich(
     )
     if config is not None:
         out["config"] = config
+        if "variant" not in out or "config_diff" not in out:
+            try:  # a record built from a bare config dict: its variant from what differs from the default
+                from db3kd.config import config_diff, diff_hash
+
+                diff = config_diff(config)
+                out.setdefault("config_diff", diff)
+                out.setdefault("variant", DEFAULT_VARIANT if not diff else diff_hash(diff))
+            except Exception:  # noqa: BLE001 - an unregistered method / dataset still gets a record
+                pass
     out.setdefault("reference_row", False)
     out.setdefault("paper_accuracy", None)
     try:

@@ -4,12 +4,14 @@ one nested run per case. MLflow is imported lazily (only when a run is actually 
 * Experiment ``db3kd/<dataset>``.
 * Parent run per pytest session (tags ``db3kd.role=session``, ``db3kd.session_id``); all pytest-
   xdist workers of a session find the same parent by that tag (find-or-create under a file lock).
-* Child run per case, named like the test id (``mnist-db3kd-mbd-s0``), nested through the
+* Child run per case, named like the test id (``mnist-db3kd-mbd-s0``; a variant other than
+  ``default`` is part of the name: ``mnist-db3kd-mbd@tau05-s0``), nested through the
   ``mlflow.parentRunId`` tag. Params: the resolved config, flattened (``student.epochs``).
   Metrics: everything the runner logs per epoch (``teacher/train_loss``, ``student/val_accuracy``
   ...), the final teacher/student accuracy, queries total and per sample, wall seconds, and
   ``milestone_accuracy`` at step = queries per pair. Tags: method, dataset, profile,
-  teacher_access, config_hash, git_commit (also ``mlflow.source.git.commit``), seed, data_source.
+  teacher_access, config_hash, variant, config_diff, git_commit (also ``mlflow.source.git.commit``),
+  seed, data_source.
   Artifacts: ``config.json`` (the resolved config), ``record.json`` and the case's plots; the
   session's tables and plots go to the parent run.
 
@@ -263,7 +265,9 @@ class Tracker:
         """A nested run for ``config`` (a RunConfig) under the session's parent; a no-op run when disabled."""
         from db3kd.records import case_id
 
-        name = name or case_id(config.dataset, config.method, config.seed)
+        from db3kd.config import config_diff, describe_diff
+
+        name = name or case_id(config.dataset, config.method, config.seed, config.variant)
         case = CaseRun(self, None, name)
         parent = self.parent_run_id(config.dataset)
         if parent is None:
@@ -274,6 +278,7 @@ class Tracker:
             "mlflow.runName": name, "mlflow.parentRunId": parent, "db3kd.role": "case",
             "db3kd.session_id": self.session_id, "method": config.method, "dataset": config.dataset,
             "profile": config.profile, "seed": str(config.seed), "config_hash": config.config_hash(),
+            "variant": config.variant, "config_diff": describe_diff(config_diff(config))[:5000] or "(default)",
         }
         try:
             from db3kd.registry import get_method
@@ -324,8 +329,8 @@ def records_from_mlflow(uri: str | None = None, datasets: list[str] | None = Non
 
     uri: tracking URI (default :func:`default_tracking_uri`); datasets: restrict to these
     experiments ``db3kd/<dataset>`` (default: every ``db3kd/`` experiment). When several runs hold
-    the same (dataset, profile, method, seed), the latest one wins, as when a record file is
-    overwritten. Returns a list of record dicts. Raises
+    the same (dataset, profile, method, variant, seed), the latest one wins, as when a record file
+    is overwritten (a record without a variant is variant ``default``). Returns a list of record dicts. Raises
     :class:`db3kd.errors.DB3KDError` naming the URI when the store cannot be read.
     """
     from db3kd.errors import DB3KDError
@@ -349,7 +354,8 @@ def records_from_mlflow(uri: str | None = None, datasets: list[str] | None = Non
             if "record.json" not in {a.path for a in client.list_artifacts(rid)}:
                 continue
             record = load_dict(f"{run.info.artifact_uri.rstrip('/')}/record.json")
-            key = (record["dataset"], record["profile"], record["method"], int(record["seed"]))
+            key = (record["dataset"], record["profile"], record["method"], record.get("variant") or "default",
+                   int(record["seed"]))
             if key not in latest or run.info.start_time >= latest[key][0]:
                 latest[key] = (run.info.start_time, record)
     except DB3KDError:
@@ -443,6 +449,8 @@ def tracked_run(
 
     if run_fn is None:
         from db3kd.runner import run as run_fn
+    from db3kd.config import config_diff
+
     case = tracker.start_case(config, tags=tags)
 
     def call() -> dict:
@@ -453,6 +461,7 @@ def tracked_run(
     except BaseException:
         case.end("FAILED")
         raise
+    raw = {**raw, "variant": config.variant, "config_diff": config_diff(config)}
     record = rec.enrich(raw, config=config.to_dict(), device=run_kwargs.get("device"), **(enrich or {}))
     record["mlflow_run_id"] = case.run_id
     record["mlflow_tracking_uri"] = display_uri(tracker.uri) if case.run_id else None
@@ -478,16 +487,18 @@ def _keep_artifacts(case: CaseRun, record: dict, *, temporary: bool, results_dir
     case's MLflow run under ``artifacts/``. A run without ``run_dir`` worked in a temporary folder:
     it is removed, and the record then points at the MLflow copies (``mlflow:artifacts/<file>``),
     or says that a file was not kept. With ``results_dir``, PNG figures (e.g. ZSDB3KD's Fig. 6) are
-    also copied to ``results_dir/<dataset>/figures/<profile>-<method>-s<seed>-<file>.png`` and listed
+    also copied to ``results_dir/<dataset>/figures/<profile>-<method>[@<variant>]-s<seed>-<file>.png`` and listed
     in ``record["figures"]`` relative to ``results_dir/<dataset>``, where the leaderboard shows them."""
     import shutil
+
+    from db3kd.records import variant_label
 
     kept = {}
     for name, path in (record.get("artifacts") or {}).items():
         p = Path(path)
         if results_dir is not None and p.suffix.lower() == ".png" and p.is_file():
             dest = (Path(results_dir) / record["dataset"] / "figures"
-                    / f"{record['profile']}-{record['method']}-s{record['seed']}-{p.name}")
+                    / f"{record['profile']}-{variant_label(record['method'], record.get('variant'))}-s{record['seed']}-{p.name}")
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dest)
             record.setdefault("figures", {})[name] = f"figures/{dest.name}"

@@ -14,7 +14,7 @@ from db3kd.cli import main
 from tests.conftest import shared_data_or_skip
 
 KEYS = {"dataset", "method", "profile", "seed", "teacher_accuracy", "student_accuracy", "queries_total",
-        "queries_per_sample", "wall_seconds"}
+        "queries_per_sample", "wall_seconds", "config_hash", "variant"}
 
 
 def run_json(capsys, *args):
@@ -39,7 +39,8 @@ def test_run_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = capsys.readouterr().out
-    for option in ("--dataset", "--method", "--profile", "--seed", "--data-root", "--teacher", "--json", "--set"):
+    for option in ("--dataset", "--method", "--profile", "--seed", "--data-root", "--teacher", "--json", "--set",
+                   "--config", "--variant", "--record", "--show-config"):
         assert option in text
 
 
@@ -96,10 +97,61 @@ def test_bad_override_names_key_value_and_rule(capsys):
     assert main(["run", "--set", "bogus=1"]) == 2
     err = capsys.readouterr().err
     assert "bogus" in err and "allowed keys" in err
+    for args, message in [
+        (["--set", "student.epochs=0"], "invalid setting student.epochs=0: Input should be greater than or equal to 1"),
+        (["--set", "student.epoch=3"], "unknown setting 'student.epoch' (value 3); allowed keys: student.arch"),
+        (["--set", "val_fraction=2"], "invalid setting val_fraction=2: Input should be less than 1"),
+        (["--set", "student.epochs"], "--set expects KEY=VALUE"),
+        (["--config", "nowhere.yaml"], "cannot read configuration file nowhere.yaml"),
+        (["--set", "tau=0.5", "--variant", "default"], "reserved for the default configuration"),
+    ]:
+        assert main(["run", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_show_config_is_yaml_with_every_setting(capsys):
+    import yaml
+
+    assert main(["run", "--show-config", "--profile", "smoke", "--set", "student.epochs=3", "--set", "tau=0.5",
+                 "--set", "val_fraction=0.2", "--set", "teacher.arch=lenet5-half", "--variant", "mine"]) == 0
+    out = capsys.readouterr().out
+    shown = yaml.safe_load(out)
+    assert shown["student"]["epochs"] == 3 and shown["method_params"]["tau"] == 0.5
+    assert shown["val_fraction"] == 0.2 and shown["teacher"]["arch"] == "lenet5-half" and shown["variant"] == "mine"
+    assert "# variant: mine (teacher.arch=lenet5-half, student.epochs=3, tau=0.5, val_fraction=0.2)" in out
+
+
+def test_set_and_a_config_file_give_the_same_record_and_record_writes_variants(tmp_path, capsys):
+    """The issue's done-when at smoke scale: --set reaches the stages; --show-config > c.yaml; --config c.yaml
+    gives the same record; --record puts two variants of one method in one leaderboard."""
+    fast = ["--profile", "smoke", "--set", "student.epochs=1", "--set", "teacher.epochs=1"]
+    results = tmp_path / "results"
+    first = run_json(capsys, *fast, "--record", "--no-tracking", "--results", str(results))
+    assert main(["run", *fast, "--show-config"]) == 0
+    config = tmp_path / "c.yaml"
+    config.write_text(capsys.readouterr().out)
+    again = run_json(capsys, "--config", str(config))
+    for key in KEYS - {"wall_seconds"}:
+        assert again[key] == first[key], key
+    cfg_record = json.loads(next((results / "records" / "digits" / "smoke").glob("db3kd-bd@*-s0.json")).read_text())
+    assert cfg_record["config"]["student"]["epochs"] == 1 and cfg_record["config"]["teacher"]["epochs"] == 1
+    assert cfg_record["variant"] == first["variant"] != "default"
+    assert cfg_record["config_diff"] == {"teacher.epochs": 1, "student.epochs": 1}
+    assert cfg_record["mlflow_run_id"] is None and "db3kd run --profile smoke --set student.epochs=1" in cfg_record["command"]
+    tau = run_json(capsys, "--config", str(config), "--set", "tau=0.5", "--variant", "tau05", "--record",
+                   "--no-tracking", "--results", str(results))
+    assert tau["variant"] == "tau05" and (results / "records" / "digits" / "smoke" / "db3kd-bd@tau05-s0.json").is_file()
+    assert main(["leaderboard", "--results", str(results)]) == 0
+    table = (results / "digits" / "smoke.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| db3kd-bd ")]
+    assert len(rows) == 2
+    assert any(f"{first['variant']}: student.epochs=1, teacher.epochs=1" in r for r in rows)  # keys sorted on disk
+    assert any("tau05: student.epochs=1, tau=0.5, teacher.epochs=1" in r for r in rows)
 
 
 def test_methods_json_lists_the_registry(capsys):
     assert main(["methods", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert {"db3kd-sd", "db3kd-bd", "db3kd-mbd"} <= {row["name"] for row in table}
-    assert all(set(row) == {"name", "access", "data", "paper"} for row in table)
+    assert all({"name", "access", "data", "paper", "params"} <= set(row) for row in table)

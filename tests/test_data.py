@@ -90,7 +90,7 @@ def test_bad_arguments():
         load_dataset("digits", val_fraction=1.0)
     with pytest.raises(ValueError, match="image_size"):
         load_dataset("digits", image_size=0)
-    assert DATASETS == ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
+    assert tuple(DATASETS) == ("digits", "mnist", "fmnist", "cifar10", "cifar100", "flowers102")
 
 
 def test_resolve_data_root_honours_env(monkeypatch, tmp_path):

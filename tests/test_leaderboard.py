@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -213,3 +214,82 @@ def test_stale_config_files_are_removed(results):
     lb.write_all(results, only=[("mnist", "smoke")])
     assert not stale.exists()
     assert len(list((results / "mnist" / "configs").glob("*.json"))) == 7
+
+
+# ------------------------------------------------------------------------------------------- variants
+
+
+def test_two_variants_of_one_method_are_two_rows_saying_what_differs(tmp_path):
+    from db3kd.config import config_diff, resolve
+
+    root = tmp_path / "results"
+    default = resolve("mnist", "db3kd-mbd", "smoke", 0)
+    ablation = resolve("mnist", "db3kd-mbd", "smoke", 0, overrides={"tau": 0.5, "student.epochs": 5})
+    named = ablation.with_variant("tau05")
+    old = make_record("db3kd-mbd", 0, 0.80)  # written before variants existed: no variant key -> default
+    assert "variant" not in old
+    recs = [old]
+    for seed, acc in ((0, 0.70), (1, 0.72)):
+        r = make_record("db3kd-mbd", seed, acc)
+        r.update(variant=ablation.variant, config_diff=config_diff(ablation), config_hash=f"{seed:012d}")
+        recs.append(r)
+    r = make_record("db3kd-mbd", 0, 0.60)
+    r.update(variant=named.variant, config_diff=config_diff(named), config_hash="a" * 12)
+    recs.append(r)
+    paths = [rec.write_record(r, root) for r in recs]
+    assert [p.name for p in paths] == ["db3kd-mbd-s0.json", f"db3kd-mbd@{ablation.variant}-s0.json",
+                                       f"db3kd-mbd@{ablation.variant}-s1.json", "db3kd-mbd@tau05-s0.json"]
+    assert default.variant == "default" and len(ablation.variant) == 8
+
+    lb.write_all(root)
+    md = (root / "mnist" / "smoke.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert [c.strip() for c in header.strip("|").split("|")][:2] == ["method", "variant"]
+    rows = _md_rows(md)
+    assert [(r[0], r[1]) for r in rows] == [
+        ("db3kd-mbd", "default"),
+        ("db3kd-mbd", f"{ablation.variant}: student.epochs=5, tau=0.5"),
+        ("db3kd-mbd", "tau05: student.epochs=5, tau=0.5"),
+    ]
+    assert [r[4] for r in rows] == ["80.00 (n=1)", "71.00 ± 1.41 (n=2)", "60.00 (n=1)"]
+    with open(root / "mnist" / "smoke.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["variant"] for t in table] == ["default", ablation.variant, "tau05"]
+    # references and gates are per variant
+    refs_dir = tmp_path / "refs"
+    lb.update_references(refs_dir, "mnist", "smoke", rec.load_records(root, "mnist", "smoke"))
+    refs = lb.load_references(refs_dir, "mnist", "smoke")
+    assert sorted(refs) == ["db3kd-mbd", f"db3kd-mbd@{ablation.variant}", "db3kd-mbd@tau05"]
+    assert lb.check_gate(recs[-1], refs).status == "pass"  # 0.60 is judged against tau05's 0.60, not default's 0.80
+    assert lb.check_gate({**recs[-1], "variant": "other"}, refs).status == "no_reference"
+
+
+def test_a_table_without_variants_has_no_variant_column(results):
+    lb.write_all(results)
+    header = next(line for line in (results / "mnist" / "smoke.md").read_text().splitlines() if line.startswith("| method"))
+    assert "variant" not in header
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+def test_variants_in_mlflow_keep_their_own_runs_and_records(tmp_path, monkeypatch):
+    """Two settings of one method and seed, tracked: both runs are named by their variant and both come back."""
+    from db3kd.config import resolve
+    from db3kd.tracking import Tracker, records_from_mlflow, tracked_run
+    from tests.test_tracking import fake_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'variants.db'}"
+    tracker = Tracker(uri, session_id="variants")
+    configs = [resolve("digits", "db3kd-sd", "smoke", 0), resolve("digits", "db3kd-sd", "smoke", 0, variant="tau05",
+                                                                  overrides={"tau": 0.5})]
+    records = [tracked_run(c, tracker, run_fn=fake_run, results_dir=tmp_path / "results") for c in configs]
+    assert tracker.failure is None
+    assert [r["variant"] for r in records] == ["default", "tau05"]
+    assert [Path(r["record_path"]).name for r in records] == ["db3kd-sd-s0.json", "db3kd-sd@tau05-s0.json"]
+    import mlflow
+
+    names = sorted(mlflow.MlflowClient(uri).get_run(r["mlflow_run_id"]).data.tags["mlflow.runName"] for r in records)
+    assert names == ["digits-db3kd-sd-s0", "digits-db3kd-sd@tau05-s0"]
+    back = records_from_mlflow(uri)
+    assert sorted(r["variant"] for r in back) == ["default", "tau05"]
+    assert next(r for r in back if r["variant"] == "tau05")["config_diff"] == {"tau": 0.5}

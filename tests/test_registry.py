@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pytest
@@ -87,7 +88,12 @@ def test_methods_json(capsys):
     table = json.loads(capsys.readouterr().out)
     assert isinstance(table, list)
     assert [row["name"] for row in table] == method_names()
-    assert all(set(row) == {"name", "access", "data", "paper"} for row in table)
+    keys = {"name", "access", "data", "paper", "params", "profile_overrides"}
+    assert all(set(row) == keys for row in table)
+    mbd = next(row for row in table if row["name"] == "db3kd-mbd")
+    budget = next(p for p in mbd["params"] if p["name"] == "budget")
+    assert budget["default"] == 20000 and budget["rule"] == ">=1" and budget["type"] == "int"
+    assert mbd["profile_overrides"]["smoke"]["budget"] == 120
     access = {row["name"]: row["access"] for row in table}
     assert access["standard-kd"] == "scores" and access["hard-label-kd"] == "labels"
     assert all(access[n] == "none" for n in BASELINES if n not in ("standard-kd", "hard-label-kd"))
@@ -156,3 +162,120 @@ def test_unknown_access_level_is_rejected(teacher):
     cfg = resolve("digits", "student-ce", "smoke")
     with pytest.raises(ValueError, match="unknown teacher access"):
         teacher_access_for("logits", teacher, cfg, SHAPE, "cpu")
+
+
+# ------------------------------------------------------------------------------------------- listing, entry points
+
+
+def test_methods_listing_prints_a_header_and_every_parameter_default(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["method", "access", "data", "paper"]
+    bd = next(i for i, line in enumerate(lines) if line.startswith("db3kd-bd "))
+    assert "tau=0.3" in lines[bd + 1] and "refs_per_class=100" in lines[bd + 1]
+    assert main(["methods", "db3kd-mbd"]) == 0
+    one = capsys.readouterr().out
+    assert "budget" in one and "20000" in one and "profile smoke: budget=120" in one
+    assert main(["methods", "no-such"]) == 2
+    assert "valid methods" in capsys.readouterr().err
+
+
+def test_methods_listing_cache_is_keyed_by_the_sources(tmp_path, monkeypatch):
+    """A fresh process lists the methods from a cache whose key changes with any method source file."""
+    from db3kd import registry
+
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path))
+    key = registry._source_key()
+    monkeypatch.setattr(registry, "_loaded", False)  # as in a process that has not imported the methods
+    monkeypatch.setattr(registry, "get_method", lambda name: pytest.fail("the cache was not used"))
+    cached = [{"name": "from-cache", "access": "none", "data": "full", "paper": "p", "params": [],
+               "profile_overrides": {}}]
+    (tmp_path / f"method-listing-{key}.json").write_text(json.dumps(cached))
+    assert registry.method_listing() == cached
+    plugin = tmp_path / "pkg"
+    plugin.mkdir()
+    (plugin / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = importlib.metadata.EntryPoint("fake", "pkg", registry.ENTRY_POINT_GROUP)
+    real = registry._entry_points()
+    monkeypatch.setattr(registry, "_entry_points", lambda: [*real, fake])
+    assert registry._source_key() != key  # a new entry point (and its package's files) changes the key
+
+
+def test_an_outside_package_registers_a_method_through_the_entry_point_group(tmp_path, monkeypatch):
+    from db3kd import registry
+
+    pkg = tmp_path / "outside_kd"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from pydantic import Field\n"
+        "from db3kd.registry import Method, MethodParams, register_method\n"
+        "class OutsideParams(MethodParams):\n"
+        "    alpha: float = Field(default=0.5, gt=0)\n"
+        "@register_method\n"
+        "class Outside(Method):\n"
+        "    name = 'outside-kd'\n"
+        "    paper = 'an outside package'\n"
+        "    teacher_access = 'labels'\n"
+        "    Params = OutsideParams\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = importlib.metadata.entry_points
+
+    def entry_points(**kw):
+        found = list(real(**kw))
+        if kw.get("group") == registry.ENTRY_POINT_GROUP:
+            found.append(importlib.metadata.EntryPoint("outside", "outside_kd", registry.ENTRY_POINT_GROUP))
+        return found
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after the test
+    assert "outside-kd" in method_names()
+    assert set(BASELINES) | set(DB3KD) <= set(method_names())
+    cfg = resolve("digits", "outside-kd", "smoke", overrides={"alpha": 2.0})
+    assert cfg.method_params == {"alpha": 2.0}
+    with pytest.raises(ConfigError, match="invalid method parameter alpha=0"):
+        resolve("digits", "outside-kd", "smoke", overrides={"params.alpha": 0})
+
+
+def test_a_plugin_that_fails_to_import_is_named(monkeypatch):
+    from db3kd import registry
+
+    broken = importlib.metadata.EntryPoint("broken", "no_such_module_xyz", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "_entry_points", lambda: [broken])
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    with pytest.raises(ConfigError, match="method plugin 'broken' .*no_such_module_xyz.* failed to import"):
+        method_names()
+
+
+def test_no_entry_points_is_a_clear_error(monkeypatch):
+    from db3kd import registry
+
+    monkeypatch.setattr(registry, "_entry_points", lambda: [])
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    with pytest.raises(ConfigError, match="uv sync"):
+        method_names()
+
+
+def test_the_readme_method_recipe_registers_and_runs(monkeypatch):
+    """README's "Extending" method recipe, executed as written: registered, configurable, one query per image."""
+    from pathlib import Path
+
+    from db3kd import registry
+    from db3kd.runner import run
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("<!-- recipe:method -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # restored after the test
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme_recipe"})  # noqa: S102 - our own README
+    assert "label-smoothing-kd" in method_names()
+    cfg = resolve("digits", "label-smoothing-kd", "smoke", overrides={"student.epochs": 1})
+    assert cfg.method_params == {"smoothing": 0.2}  # the recipe's smoke override
+    with pytest.raises(ConfigError, match="invalid method parameter smoothing=1"):
+        resolve("digits", "label-smoothing-kd", "smoke", overrides={"smoothing": 1})
+    record = run(cfg)
+    assert record["queries_total"] == cfg.student.train_subset == 200
+    assert 0.0 <= record["student_accuracy"] <= 1.0 and 0.0 <= record["metrics"]["agreement"] <= 1.0
