@@ -19,6 +19,12 @@ Definitions (measured in this process, on this machine):
   must be no larger at every query milestone (plot: ``results/performance-mbd-estimators.png``).
 * **HopSkipJump cross-check**: ART's HopSkipJump (extra ``crosscheck``) through our oracle on
   one (sample, closest class) pair per MBD sample; the per-pair distances must agree.
+* **engine ceiling** (``engine_ceiling_bd_qps``, ``engine_ceiling_mbd_qps``): queries per second of
+  BD and MBD (budget 2000, Q = 200) against a nearly free teacher (a 784 -> 10 linear map) on 2
+  threads; ``engine_ceiling_ratio_mbd`` divides the MBD rate by the rate at which ``torch.randn``
+  alone fills probes of the MBD probe block's shape in the same process. Asserted against the
+  goals of issue 14 (BD >= 300k, MBD >= 120k, ratio >= 0.5); meaningful on a quiet machine only.
+* GPU section: ``benchmarks/test_perf_gpu.py`` (``-m "perf and gpu"``).
 * **bd_query_ratio**: our BD queries divided by per-reference bisection's (every reference of a
   pair bisected independently to the same tolerance, no pruning) on the same samples; the
   distances agree within the tolerance (checked).
@@ -275,7 +281,7 @@ def test_hopskipjump_cross_check(mnist, mbd_ours):
 
 def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
     from db3kd import HardLabelOracle
-    from db3kd.robustness import _bisect, boundary_search
+    from db3kd.search import TargetedMisclassification, bisect_segments, boundary_search
 
     config, splits, model = mnist
     shape = tuple(splits.train_x.shape[1:])
@@ -296,8 +302,9 @@ def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
         bi, ri = bi[rows], ri[rows]
         length = torch.cdist(flat_x, flat_r, compute_mode="donot_use_mm_for_euclid_dist")[bi, ri]
         used = torch.zeros(len(bi), dtype=torch.int64)
-        hi, _ = _bisect(oracle, flat_x, flat_r, bi, ri, length, torch.zeros_like(length), length.clone(),
-                        torch.arange(len(bi)), len(bi), rl[ri], True, tol, used, float("inf"), shape)
+        hi, _ = bisect_segments(oracle, flat_x, flat_r, bi, ri, length, torch.zeros_like(length), length.clone(),
+                                torch.arange(len(bi)), len(bi), TargetedMisclassification(rl[ri]), tol, used,
+                                float("inf"), shape)
         dist = torch.full((len(x), 10), float("inf"))
         dist.view(-1).scatter_reduce_(0, bi * 10 + rl[ri], hi, reduce="amin", include_self=True)
         return int(used.sum()), dist
@@ -311,6 +318,71 @@ def test_bd_query_ratio_against_per_reference_bisection(mnist, benchmark):
     benchmark.extra_info["bd_query_ratio"] = ratio
     _write_report()
     assert ratio <= 1 / 3
+
+
+# the engine ceiling: a nearly free teacher (a 784 -> 10 linear map), 2 threads, synthetic images
+CEILING_THREADS, CEILING_BD_SAMPLES, CEILING_MBD_SAMPLES, CEILING_REFS, CEILING_Q = 2, 256, 32, 20, 200
+CEILING_GOALS = {"engine_ceiling_bd_qps": 300_000, "engine_ceiling_mbd_qps": 120_000, "engine_ceiling_ratio_mbd": 0.5}
+
+
+def _ceiling_setup():
+    from db3kd import HardLabelOracle
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        teacher[1].weight.copy_(torch.randn(10, 784, generator=g) * 0.05)
+        teacher[1].bias.copy_(-teacher[1].weight.sum(1) * 0.5)  # boundaries through the cube's centre
+    x = torch.rand(CEILING_BD_SAMPLES, 1, 28, 28, generator=g)
+    pool = torch.rand(2000, 1, 28, 28, generator=g)
+    oracle = HardLabelOracle(teacher)
+    y, pool_y = oracle(x), oracle(pool)
+    idx = torch.cat([(pool_y == c).nonzero().squeeze(1)[:CEILING_REFS] for c in range(10)])
+    return teacher, x, y, pool[idx], pool_y[idx]
+
+
+def test_engine_ceiling(request, benchmark):
+    """Queries per second of BD and MBD against a zero-cost teacher, and MBD's rate over the rate at
+    which torch.randn alone fills probes of the MBD probe block's shape, in this process."""
+    from db3kd import HardLabelOracle
+    from db3kd.search import boundary_search, minimal_boundary_search
+    from db3kd.search.bisection import probe_slice
+
+    _REPORT.setdefault("command", " ".join(["uv run pytest", *request.config.invocation_params.args]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(CEILING_THREADS)
+    try:
+        teacher, x, y, refs, ref_labels = _ceiling_setup()
+
+        def rate(run):
+            best = 0.0
+            for _ in range(2):  # best of two: the first pays warm-up
+                oracle = HardLabelOracle(teacher, batch_size=8192)
+                start = time.perf_counter()
+                run(oracle)
+                best = max(best, oracle.queries / (time.perf_counter() - start))
+            return best
+
+        bd = rate(lambda o: boundary_search(o, x, y, refs, ref_labels, 10, tol=1e-5))
+        mbd = benchmark.pedantic(lambda: rate(lambda o: minimal_boundary_search(
+            o, x[:CEILING_MBD_SAMPLES], y[:CEILING_MBD_SAMPLES], refs, ref_labels, 10, budget=2000,
+            num_directions=CEILING_Q, tol=1e-5)), rounds=1, iterations=1)
+        shape = (max(1, probe_slice("cpu") // CEILING_Q), CEILING_Q, 784)
+        out, fill = torch.empty(shape), 0.0
+        for _ in range(3):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 1.0:
+                torch.randn(shape, out=out)
+                n += shape[0] * shape[1]
+            fill = max(fill, n / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    _REPORT.update(engine_ceiling_bd_qps=bd, engine_ceiling_mbd_qps=mbd, engine_ceiling_randn_probes_per_second=fill,
+                   engine_ceiling_ratio_mbd=mbd / fill, engine_ceiling_threads=CEILING_THREADS)
+    benchmark.extra_info.update({k: _REPORT[k] for k in CEILING_GOALS})
+    _write_report()
+    for key, goal in CEILING_GOALS.items():
+        assert _REPORT[key] >= goal, (key, _REPORT[key], goal)
 
 
 _SCALING_SCRIPT = r"""
@@ -369,13 +441,21 @@ def _write_report():
              "the teacher's bare forward peak at its best batch size, measured in the same process before and after "
              "(the higher peak is used). The peak itself varies by several per cent between the two measurements "
              "(`teacher_peak_before`, `teacher_peak_after`); an efficiency slightly above 1 means the engine runs at "
-             "the bare forward's speed within that spread.", ""]
+             "the bare forward's speed within that spread.", "",
+             f"Engine ceiling: BD ({CEILING_BD_SAMPLES} samples) and MBD ({CEILING_MBD_SAMPLES} samples, budget 2000, "
+             f"Q = {CEILING_Q}) against a nearly free teacher (a 784 -> 10 linear map), {CEILING_REFS} references per "
+             f"class, tol 1e-5, random 28x28 images, {CEILING_THREADS} threads, best of two runs; the ratio divides "
+             "MBD's rate by the rate at which torch.randn alone fills probes of the MBD probe block's shape in the "
+             "same process. Goals (issue 14): " + ", ".join(f"{k} >= {v:g}" for k, v in CEILING_GOALS.items()) + ".",
+             ""]
     for key in ("teacher_peak_images_per_second", "teacher_peak_before", "teacher_peak_after", "teacher_best_batch",
                 "teacher_fast_layout", "teacher_peak_fast_layout", "teacher_peak_default_layout", "teacher_layout_speedup",
                 "bd_images_per_second", "mbd_images_per_second", "generation_images_per_second",
                 "oracle_efficiency_bd", "oracle_efficiency_mbd", "oracle_efficiency_generation", "bd_query_ratio",
                 "bd_queries_ours", "bd_queries_per_reference", "bd_max_distance_difference", "bd_queries_per_pair",
-                "bd_mean_distance", "mbd_queries_per_pair", "ray_overhead"):
+                "bd_mean_distance", "mbd_queries_per_pair", "ray_overhead", "engine_ceiling_bd_qps",
+                "engine_ceiling_mbd_qps", "engine_ceiling_randn_probes_per_second", "engine_ceiling_ratio_mbd",
+                "engine_ceiling_threads"):
         if key in report:
             value = report[key]
             lines.append(f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}")

@@ -89,7 +89,7 @@ def hopskipjump_distances(
     reached = oracle(points).cpu() == target
     # ART's loop ends with a step *into* the target region, not with HopSkipJump's projection onto the
     # boundary: bisect each segment x -> point once more (our engine, queries counted per sample).
-    from db3kd.robustness import _bisect
+    from db3kd.search import TargetedMisclassification, bisect_segments
 
     flat_x, flat_p = x.flatten(1), points.flatten(1)
     length = (flat_p - flat_x).norm(dim=1)
@@ -98,9 +98,9 @@ def hopskipjump_distances(
     if rows.numel():
         idx = torch.arange(rows.numel())
         used = torch.zeros(rows.numel(), dtype=torch.int64)
-        upper, _ = _bisect(oracle, flat_x[rows], flat_p[rows], idx, idx, length[rows], torch.zeros(rows.numel()),
-                           length[rows].clone(), idx, rows.numel(), target[rows], True, tol, used, float("inf"),
-                           tuple(x.shape[1:]))
+        upper, _ = bisect_segments(oracle, flat_x[rows], flat_p[rows], idx, idx, length[rows], torch.zeros(rows.numel()),
+                                   length[rows].clone(), idx, rows.numel(), TargetedMisclassification(target[rows]),
+                                   tol, used, float("inf"), tuple(x.shape[1:]))
         distances[rows] = upper
         queries[rows] += used
         points[rows] = torch.lerp(x[rows], points[rows], (upper / length[rows].clamp_min(1e-12)).view(-1, 1, 1, 1))

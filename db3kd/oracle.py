@@ -179,6 +179,13 @@ class _Oracle:
         QueryBudgetExceeded (before anything runs or is counted) when N queries would exceed the budget.
         """
         _validate(x, self._input_shape)
+        return self._answer_trusted(x)
+
+    def _answer_trusted(self, x: torch.Tensor) -> torch.Tensor:
+        """The query engine's own door (:func:`db3kd.search.query`): x float32 (N, C, H, W) that the
+        engine built inside [0, 1] with the teacher's image shape, already on the oracle's device.
+        Skips validation (its device-to-host sync) and nothing else: every image is counted and
+        the budget is enforced before anything runs, as in ``__call__``."""
         n = int(x.shape[0])
         if self._budget is not None and self._queries + n > self._budget:
             raise QueryBudgetExceeded(self._budget, self._queries, n)
@@ -186,7 +193,9 @@ class _Oracle:
             self._on_answer(n)  # before the teacher runs: a call cut short was still sent (and billed)
         out = None
         with torch.inference_mode():
-            for start in range(0, n, self._batch_size):
+            if 0 < n <= self._batch_size:  # one forward call: no output buffer to fill
+                out = self._run_chunk(x.to(self._device, non_blocking=True)).to(x.device)
+            for start in range(0, n if out is None else 0, self._batch_size):
                 chunk = x[start : start + self._batch_size].to(self._device, non_blocking=True)
                 ans = self._run_chunk(chunk)
                 if out is None:

@@ -89,3 +89,17 @@ def test_generation_takes_only_an_oracle():
 
     params = list(inspect.signature(generate_pseudo_samples).parameters)
     assert params[0] == "oracle" and "model" not in params and "teacher" not in params
+
+
+def test_chunks_generated_by_separate_workers_assemble_to_the_single_process_result(tmp_path):
+    single = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), CFG)
+    workers = [HardLabelOracle(CountingTeacher()), HardLabelOracle(CountingTeacher())]
+    spent = [generate_pseudo_samples(workers[0], 3, (1, 6, 6), CFG, out_dir=tmp_path, chunks=[1]),
+             generate_pseudo_samples(workers[1], 3, (1, 6, 6), CFG, out_dir=tmp_path, chunks=[0, 1])]
+    assert spent == [w.queries for w in workers]
+    assembler = HardLabelOracle(CountingTeacher())
+    merged = generate_pseudo_samples(assembler, 3, (1, 6, 6), CFG, out_dir=tmp_path)
+    assert assembler.queries == 0
+    assert torch.equal(merged.x, single.x) and torch.equal(merged.y, single.y) and merged.queries == single.queries
+    with pytest.raises(ValueError, match="outside"):
+        generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), CFG, out_dir=tmp_path, chunks=[5])

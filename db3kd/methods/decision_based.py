@@ -121,7 +121,7 @@ class _DB3KD(Method):
     Params = DB3KDParams
 
     def robustness(self, ctx: MethodContext, x: torch.Tensor, refs: torch.Tensor, ref_labels: torch.Tensor):
-        raise NotImplementedError  # returns a db3kd.robustness.RobustnessResult-like object
+        raise NotImplementedError  # returns a db3kd.search.RobustnessResult-like object
 
     def soft_labels(self, r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from db3kd.soft_labels import soft_labels_from_robustness
@@ -229,7 +229,7 @@ class DB3KDSampleDistance(_DB3KD):
     paper_results = {"mnist": 99.15, "fmnist": 90.86, "cifar10": 77.66, "flowers102": 93.18}
 
     def robustness(self, ctx, x, refs, ref_labels):
-        from db3kd.robustness import RobustnessResult, sample_distance
+        from db3kd.search import RobustnessResult, sample_distance
 
         r = sample_distance(x, ctx.train_y, refs, ref_labels, ctx.num_classes)
         return RobustnessResult(distances=r, queries=torch.zeros_like(r, dtype=torch.int64))
@@ -243,7 +243,7 @@ class DB3KDBoundaryDistance(_DB3KD):
     paper_results = {"mnist": 99.51, "fmnist": 90.68, "cifar10": 77.92, "flowers102": 93.30}
 
     def robustness(self, ctx, x, refs, ref_labels):
-        from db3kd.robustness import boundary_search, plan_chunks
+        from db3kd.search import boundary_search, plan_chunks
 
         p = self.params
         return ctx.executor.search(boundary_search, ctx.teacher, x, ctx.train_y, refs, ref_labels, ctx.num_classes,
@@ -262,8 +262,9 @@ resets; our 0.01 is ten times that, kept from the first engine and not re-measur
 here -- ``--set delta=0.001`` runs the authors' radius), milestones (query counts at which
     distances are recorded), milestone_students (train one student per milestone for the
     accuracy-versus-queries curve, paper Fig. 4), estimator (the sign-gradient estimator of
-    Eq. 4: ``tangent`` (Sign-OPT's probes with HopSkipJump's baseline), plain ``sign-opt``, or
-    ``hsja`` (off-sphere probes); see :func:`db3kd.robustness._sign_gradient`)."""
+    Eq. 4: ``tangent`` (Sign-OPT's probes with HopSkipJump's baseline), plain ``sign-opt``,
+    ``hsja`` (off-sphere probes), or ``paper`` (Eq. 4-5 as printed: off-sphere Gaussian probes,
+    raw signs, fixed step ``xi_d``); see :func:`db3kd.search.estimators.sign_gradient`)."""
 
     budget: int = Field(default=20000, ge=1)
     num_directions: int = Field(default=200, ge=2)
@@ -271,7 +272,7 @@ here -- ``--set delta=0.001`` runs the authors' radius), milestones (query count
     delta: float = Field(default=0.01, gt=0)
     milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
     milestone_students: bool = True
-    estimator: Literal["tangent", "sign-opt", "hsja"] = "tangent"
+    estimator: Literal["tangent", "sign-opt", "hsja", "paper"] = "tangent"
     chunk_size: int = Field(default=32, ge=1)
 
     profile_overrides: ClassVar[dict] = {
@@ -293,7 +294,7 @@ class DB3KDMinimalBoundaryDistance(_DB3KD):
     paper_results = {"mnist": 99.52, "fmnist": 91.45, "cifar10": 78.30, "flowers102": 93.77}
 
     def robustness(self, ctx, x, refs, ref_labels):
-        from db3kd.robustness import minimal_boundary_search, plan_chunks
+        from db3kd.search import minimal_boundary_search, plan_chunks
 
         p = self.params
         return ctx.executor.search(

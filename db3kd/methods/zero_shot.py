@@ -72,7 +72,7 @@ class ZSDB3KD(_DB3KD):
     paper_results = {"mnist": 96.54, "fmnist": 72.31, "cifar10": 59.46}
 
     def run(self, ctx: MethodContext) -> MethodOutput:
-        from db3kd.robustness import minimal_boundary_search, plan_chunks
+        from db3kd.search import minimal_boundary_search, plan_chunks
         from db3kd.soft_labels import label_statistics
         from db3kd.zeroshot import GenerationConfig, generate_pseudo_samples
 
