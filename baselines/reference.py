@@ -73,6 +73,7 @@ class TeacherArchCE(Method):
     name = "teacher-arch-ce"
     paper = "db3kd suite reference row (not in Wang, ICML 2021): the teacher architecture with the student recipe"
     teacher_access = "none"
+    needs_teacher_recipe = True  # the teacher's architecture: unknown for a user's teacher file
     data = "full"
     reference_row = True
     Params = TeacherArchCEParams

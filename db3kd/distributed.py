@@ -126,12 +126,19 @@ class TeacherSpec:
     state_dict: dict | None = None
     file_bytes: bytes | None = None
     oracle_kwargs: dict = field(default_factory=dict)  # a user's teacher: door checks, input normalisation
+    memory_format: str = "contiguous"  # a built-in teacher's layout on the driver (db3kd.layout.FORMATS)
 
     @classmethod
     def builtin(cls, model, *, arch: str, digest: str, access: str, input_shape, batch_size: int,
                 num_classes: int) -> "TeacherSpec":
+        import torch
+
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        return cls(access, tuple(input_shape), batch_size, num_classes, digest, arch=arch, state_dict=state)
+        # the driver's memory layout (db3kd.layout): another layout answers a boundary probe in other last bits
+        channels_last = any(v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
+                            for v in state.values())
+        return cls(access, tuple(input_shape), batch_size, num_classes, digest, arch=arch, state_dict=state,
+                   memory_format="channels_last" if channels_last else "contiguous")
 
     @classmethod
     def from_file(cls, path, *, digest: str, access: str, input_shape, batch_size: int,
@@ -154,8 +161,10 @@ class TeacherSpec:
             from db3kd.teacher import checkpoint_digest
 
             c, h = self.input_shape[0], self.input_shape[1]
+            from db3kd.layout import FORMATS
+
             model = get_model(self.arch, num_classes=self.num_classes, in_channels=c, image_size=h)
-            model.load_state_dict(self.state_dict)
+            model.to(memory_format=FORMATS[self.memory_format]).load_state_dict(self.state_dict)
             model.eval()
             digest = checkpoint_digest(self.state_dict)
         if digest != self.digest:

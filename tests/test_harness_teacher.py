@@ -3,7 +3,7 @@
 Runs the harness in a subprocess on a TorchScript digits teacher written by
 tests.test_teacher_door.write_teacher. The default-suite version selects one method of each
 oracle (labels: hard-label-kd, scores: standard-kd) plus the two that must be skipped (white-box ZSKT and
-teacher-ce, which needs the teacher's recipe); the slow version runs every registered method.
+teacher-arch-ce, which needs the teacher's architecture and recipe); the slow version runs every registered method.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from tests.test_teacher_door import write_teacher
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = "hard-label-kd or standard-kd or zskt or teacher-ce"
+SHORT = "hard-label-kd or standard-kd or zskt or teacher-arch-ce"
 
 
 def _harness(tmp_path: Path, teacher: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def _check(tmp_path: Path, teacher: Path, out: subprocess.CompletedProcess, expe
     assert "SKIPPED [1] benchmarks/conftest.py" in out.stdout
     assert ("zskt needs white-box access (the teacher's gradients); a user's teacher file is answered only through "
             "the oracle (labels or scores)") in out.stdout
-    assert "teacher-ce trains the teacher's architecture with the teacher's training recipe" in out.stdout
+    assert "teacher-arch-ce trains the teacher's architecture with the teacher's training recipe" in out.stdout
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results" / "records" / "digits" / "smoke").glob("*.json")}
     assert {r["method"] for r in records.values()} == expected_methods and len(records) == len(expected_methods)
     for name, record in records.items():
@@ -72,5 +72,5 @@ def test_harness_with_a_users_teacher_every_method(tmp_path):
     teacher = write_teacher(tmp_path / "T.pt")
     out = _harness(tmp_path, teacher)
     runnable = {m for m in method_names() if not user_teacher_conflict(get_method(m), get_method(m).Params())}
-    assert {"zskt", "teacher-ce"}.isdisjoint(runnable) and {"db3kd-bd", "db3kd-mbd", "zsdb3kd"} <= runnable
+    assert {"zskt", "teacher-ce", "teacher-arch-ce"}.isdisjoint(runnable) and {"db3kd-bd", "db3kd-mbd", "zsdb3kd"} <= runnable
     _check(tmp_path, teacher, out, runnable)

@@ -62,7 +62,9 @@ def test_kill_minus_nine_at_several_points_then_resume(tmp_path):
         run_dir = tmp_path / point.replace("/", "_")
         killed_before_finish += _kill_when(_cli([*SMOKE, "--run-dir", str(run_dir)], env, tmp_path), env, tmp_path,
                                            point, run_dir)
-        assert not list(run_dir.rglob("*.tmp*")), "a half-written file was left under a final name"
+        for path in run_dir.rglob("*.pt"):  # a kill mid-write may leave a temporary file, never a torn final one
+            if ".tmp" not in path.name:
+                torch.load(path, map_location="cpu", weights_only=False)
         out = subprocess.run(_cli([*SMOKE, "--run-dir", str(run_dir)], env, tmp_path), env=env, cwd=tmp_path,
                              capture_output=True, text=True, check=True)
         resumed = json.loads(out.stdout)

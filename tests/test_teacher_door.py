@@ -173,7 +173,8 @@ def test_oracle_input_norm_keeps_queries_in_pixel_units():
     (dict(teacher_input={"mean": [0.5, 0.5], "std": [1.0]}, teacher_file="T"), "invalid teacher_input.mean=[0.5, 0.5]"),
     (dict(teacher_input={"mean": [0.5], "std": [1.0]}), "teacher_input (the input normalisation of a user's teacher) needs"),
     (dict(method="zskt", teacher_file="T"), "zskt needs white-box access"),
-    (dict(method="teacher-ce", teacher_file="T"), "teacher-ce trains the teacher's architecture"),
+    (dict(method="teacher-ce", teacher_file="T"), "teacher-ce needs white-box access"),
+    (dict(method="teacher-arch-ce", teacher_file="T"), "teacher-arch-ce trains the teacher's architecture"),
 ])
 def test_teacher_settings_refused_with_one_line(tmp_path, kwargs, message):
     from db3kd.config import resolve
