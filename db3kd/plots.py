@@ -367,7 +367,7 @@ def frontier(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
     ax.set_xscale("log")
     all_x = [p["x"] for p in points.values()]
     ax.set_xlim(min(all_x) / 2.0, max(all_x) * 3.0)  # room for the variant labels
-    ax.set_xlabel("teacher queries per training sample (log scale; label-only answers, calibration included)")
+    ax.set_xlabel("teacher queries per training sample (log scale, calibration included)")
     ax.set_ylabel("student test accuracy (%)")
     synthetic = any(str(x.get("data_source", "official")) != "official" for x in records)
     r0 = records[0]
