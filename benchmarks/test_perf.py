@@ -509,7 +509,9 @@ def test_ray_overhead(mnist, tmp_path):
     n = int(os.environ.get("DB3KD_RAY_OVERHEAD_SAMPLES", "4000"))
     shape = tuple(splits.train_x.shape[1:])
     x, y, refs, ref_labels = _samples(splits, n, 20)
-    chunk, batch = 64, config.oracle_batch
+    from db3kd.layout import resolve_oracle_batch
+
+    chunk, batch = 64, resolve_oracle_batch(config.oracle_batch, model, shape)  # "auto": measured once, cached
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
