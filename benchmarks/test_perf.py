@@ -67,20 +67,29 @@ def _mnist_setup(data_root):
     return config, splits, teacher.model
 
 
-def peak_throughput(model, shape, batch_sizes=(32, 64, 128, 256, 512, 1024, 2048, 4096), seconds=1.0, repeats=3):
-    """{batch size: images/s} of the bare forward pass (best of ``repeats`` windows), and the best (batch, images/s)."""
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_throughput(model, shape, batch_sizes=(32, 64, 128, 256, 512, 1024, 2048, 4096), seconds=1.0, repeats=3,
+                    device="cpu"):
+    """{batch size: images/s} of the bare forward pass on ``device`` (best of ``repeats`` windows,
+    synchronised on a GPU), and the best (batch, images/s)."""
     rates = {}
     model.eval()
     with torch.inference_mode():
         for bs in batch_sizes:
-            x = torch.rand(bs, *shape)
+            x = torch.rand(bs, *shape, device=device)
             model(x)
+            _sync(device)
             best = 0.0
             for _ in range(repeats):
                 n, start = 0, time.perf_counter()
                 while time.perf_counter() - start < seconds:
                     model(x)
                     n += bs
+                _sync(device)
                 best = max(best, n / (time.perf_counter() - start))
             rates[bs] = best
     top = max(rates, key=rates.get)

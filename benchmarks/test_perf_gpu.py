@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.test_perf import _sync, peak_throughput
+
 pytestmark = [pytest.mark.perf, pytest.mark.gpu]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,31 +58,9 @@ def _settings():
     )
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def gpu_peak(model, shape, device, batch_sizes, seconds, repeats=3):
     """{batch: images/s} of the bare forward pass on ``device`` (synchronised), and the best (batch, rate)."""
-    rates = {}
-    model.eval()
-    with torch.inference_mode():
-        for bs in batch_sizes:
-            x = torch.rand(bs, *shape, device=device)
-            model(x)
-            _sync(device)
-            best = 0.0
-            for _ in range(repeats):
-                n, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds:
-                    model(x)
-                    n += bs
-                _sync(device)
-                best = max(best, n / (time.perf_counter() - start))
-            rates[bs] = best
-    top = max(rates, key=rates.get)
-    return rates, top, rates[top]
+    return peak_throughput(model, shape, batch_sizes, seconds, repeats, device=device)
 
 
 @pytest.fixture(scope="module")
