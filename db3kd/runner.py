@@ -20,12 +20,21 @@ from db3kd.config import RunConfig
 __all__ = ["run", "teacher_access_for", "select_subset", "code_version", "user_teacher_conflict"]
 
 
+# modules that do not change what a run computes (see code_version)
+PRESENTATION_MODULES = frozenset({
+    "db3kd/cli.py", "db3kd/leaderboard.py", "db3kd/plots.py", "db3kd/stats.py", "db3kd/tracking.py",
+    "db3kd/tuning.py", "db3kd/crosscheck.py", "db3kd/search/closed_form.py",
+})
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """What code produced a record: ``<db3kd package version>+<12 hex digits>``, the digits a
     SHA-256 over the relative path and bytes of every ``.py`` file of the ``db3kd`` and
-    ``baselines`` packages (so an uncommitted edit counts too). Stored in every record as
-    ``code_version``; a harness case or a ``--run-dir`` run is reused only under the same one."""
+    ``baselines`` packages (so an uncommitted edit counts too) except :data:`PRESENTATION_MODULES`,
+    which only read records (tables, plots, statistics, the command line, MLflow logging, tuning
+    studies, cross-checks): editing those does not invalidate a finished case. Stored in every
+    record as ``code_version``; a harness case or a ``--run-dir`` run is reused only under the same one."""
     import hashlib
     from importlib import metadata
 
@@ -40,6 +49,8 @@ def code_version() -> str:
     for package in (db3kd, baselines):
         root = Path(package.__file__).resolve().parent
         for path in sorted(root.rglob("*.py")):
+            if f"{package.__name__}/{path.relative_to(root).as_posix()}" in PRESENTATION_MODULES:
+                continue
             h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
             h.update(path.read_bytes())
             h.update(b"\0")

@@ -261,10 +261,13 @@ eps_g = 0.001 to the unit search direction, about 0.001 r, and divides it by 10 
 resets; our 0.01 is ten times that, kept from the first engine and not re-measured against 0.001
 here -- ``--set delta=0.001`` runs the authors' radius), milestones (query counts at which
     distances are recorded), milestone_students (train one student per milestone for the
-    accuracy-versus-queries curve, paper Fig. 4), estimator (the sign-gradient estimator of
-    Eq. 4: ``tangent`` (Sign-OPT's probes with HopSkipJump's baseline), plain ``sign-opt``,
-    ``hsja`` (off-sphere probes), or ``paper`` (Eq. 4-5 as printed: off-sphere Gaussian probes,
-    raw signs, fixed step ``xi_d``); see :func:`db3kd.search.estimators.sign_gradient`)."""
+    accuracy-versus-queries curve, paper Fig. 4), estimator (the boundary estimator of the walk:
+    ``geo`` (default: one sign bit per coordinate of an orthonormal frame, then a line search by
+    bisection for the step; num_directions coordinates per iteration, ``xi_d`` unused; see
+    :func:`db3kd.search.estimators.geo_step`), or Eq. 4's sign gradients ``tangent`` (Sign-OPT's
+    probes with HopSkipJump's baseline, the default before), plain ``sign-opt``, ``hsja``
+    (off-sphere probes), ``paper`` (Eq. 4-5 as printed: off-sphere Gaussian probes, raw signs,
+    fixed step ``xi_d``); see :func:`db3kd.search.estimators.sign_gradient`)."""
 
     budget: int = Field(default=20000, ge=1)
     num_directions: int = Field(default=200, ge=2)
@@ -272,7 +275,7 @@ here -- ``--set delta=0.001`` runs the authors' radius), milestones (query count
     delta: float = Field(default=0.01, gt=0)
     milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
     milestone_students: bool = True
-    estimator: Literal["tangent", "sign-opt", "hsja", "paper"] = "tangent"
+    estimator: Literal["geo", "tangent", "sign-opt", "hsja", "paper"] = "geo"
     chunk_size: int = Field(default=32, ge=1)
 
     profile_overrides: ClassVar[dict] = {

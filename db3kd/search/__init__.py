@@ -17,8 +17,11 @@ Modules, one job each:
   :class:`Misclassification`), in place of a ``targeted`` flag.
 * :mod:`~db3kd.search.bisection`: the lockstep bisection of many segments and the probe path
   (:func:`query`: the oracle's trusted path for the engine's own probes).
-* :mod:`~db3kd.search.estimators`: the sign-gradient estimators of Eq. 4 (``tangent``,
-  ``sign-opt``, ``hsja``, ``paper``) and the pairs' random directions (:class:`PairKeys`).
+* :mod:`~db3kd.search.estimators`: the walk's boundary estimators: ``geo`` (the default,
+  coordinate sign bits in an orthonormal frame and a bisected line search, :func:`geo_step`) and
+  the sign-gradient estimators of Eq. 4 (``tangent``, ``sign-opt``, ``hsja``, ``paper``), with the
+  pairs' random directions (:class:`PairKeys`).
+* :mod:`~db3kd.search.closed_form`: teachers with exact minimal distances, to grade them.
 * :mod:`~db3kd.search.walk`: the MBD walk (:func:`boundary_walk`).
 * :mod:`~db3kd.search.streams`: counter-based random streams keyed by an explicit
   :class:`Stream` id, the seed and the draw's coordinates.

@@ -263,7 +263,7 @@ def minimal_boundary_search(
     min_step: float = 1e-3,
     milestones: Sequence[int] | None = None,
     seed: int = 0,
-    estimator: str = "tangent",
+    estimator: str = "geo",
     chunk_size: int = 32,
     teacher_ref_labels: torch.Tensor | None = None,
     progress: bool = False,
@@ -292,9 +292,9 @@ def minimal_boundary_distance(oracle, x, y, refs, ref_labels, num_classes, *, bu
     current distance, paper 0.2), delta (probe radius as a fraction of the distance), tol
     (bisection stop, L2 units), min_step (stop once the adapted step falls below it), milestones
     (query counts at which to record distances), seed (pair (i, n)'s directions come from the
-    stream ``(Stream.MBD, seed, i, n)``, i the index into x), estimator (``"tangent"``, the
-    default; ``"sign-opt"``, ``"hsja"``, ``"paper"``: see
-    :func:`db3kd.search.estimators.sign_gradient`). Returns float32 (N, L); every value is the
+    stream ``(Stream.MBD, seed, i, n)``, i the index into x), estimator (``"geo"``, the
+    default, :func:`db3kd.search.estimators.geo_step`; ``"tangent"``, ``"sign-opt"``, ``"hsja"``,
+    ``"paper"``: :func:`db3kd.search.estimators.sign_gradient`). Returns float32 (N, L); every value is the
     distance to a point the teacher labels n and is never larger than BD's.
     """
     return minimal_boundary_search(oracle, x, y, refs, ref_labels, num_classes, budget=budget, **kwargs).distances
@@ -364,12 +364,17 @@ def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_s
     queries = torch.zeros((n, num_l), dtype=torch.int64)
     milestones = walk[1] if walk else ()
     at = torch.full((len(milestones), n, num_l), math.inf, dtype=torch.float32) if walk else None
+    best_ref = torch.full((n, num_l), -1, dtype=torch.int64)
+    kept = keep.nonzero().squeeze(1).cpu()  # valid reference k is refs[kept[k]]
     bar = _progress(n, "MBD" if walk else "BD", progress)
     for k, (s, e) in enumerate(plan):
         done = resumable(checkpoint_dir, chunk_name(s, e), compute(k))
         distances[s:e], queries[s:e] = done["distances"], done["queries"]
         if at is not None:
             at[:, s:e] = done["at"]
+        if "best_end" in done:  # chunks checkpointed before the field existed keep -1
+            b = done["best_end"]
+            best_ref[s:e] = torch.where(b >= 0, kept[b.clamp(min=0)] if kept.numel() else b, b)
         bar.update(e - s)
     bar.close()
     idx = torch.arange(n)
@@ -380,7 +385,7 @@ def _search(oracle, x, y, refs, ref_labels, num_classes, *, tol, budget, chunk_s
     return RobustnessResult(
         distances=distances.to(out_device), queries=queries.to(out_device), shared_queries=int(answers["queries"]),
         misclassified=(answers["pred"] != y_cpu).to(out_device), milestones=tuple(milestones),
-        distances_at=at.to(out_device) if at is not None else None,
+        distances_at=at.to(out_device) if at is not None else None, extra={"best_ref": best_ref},
     )
 
 
@@ -409,4 +414,5 @@ def _chunk(oracle, xc, y, pred, refs, ref_labels, flat_refs, start, num_l, tol, 
         )
         r = torch.where(walkable, r_walked, r)
         record = torch.where(walkable.unsqueeze(0), record, r.unsqueeze(0)).view(len(ms), b, num_l).cpu()
-    return {"distances": r.view(b, num_l).cpu(), "queries": state.used.view(b, num_l).cpu(), "at": record}
+    return {"distances": r.view(b, num_l).cpu(), "queries": state.used.view(b, num_l).cpu(), "at": record,
+            "best_end": state.best_end.view(b, num_l).cpu()}
