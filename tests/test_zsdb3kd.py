@@ -103,3 +103,15 @@ def test_chunks_generated_by_separate_workers_assemble_to_the_single_process_res
     assert torch.equal(merged.x, single.x) and torch.equal(merged.y, single.y) and merged.queries == single.queries
     with pytest.raises(ValueError, match="outside"):
         generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), CFG, out_dir=tmp_path, chunks=[5])
+
+
+def test_every_sample_runs_every_iteration_unless_patience_is_set():
+    """Default (patience None): no early stop, as in the authors' code; patience=1 stops samples whose
+    noisy distance estimate did not grow, so the same generation spends fewer queries."""
+    from dataclasses import replace
+
+    cfg = replace(CFG, iterations=6, snapshots=())
+    assert GenerationConfig().patience is None
+    full = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), cfg)
+    early = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), replace(cfg, patience=1))
+    assert early.queries < full.queries

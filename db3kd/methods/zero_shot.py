@@ -32,7 +32,7 @@ class ZSDB3KDParams(DB3KDParams):
     search_budget: int = Field(default=5000, ge=1)
     num_starts: int = Field(default=20, ge=1)
     num_directions: int = Field(default=200, ge=2)
-    patience: int = Field(default=3, ge=1)
+    patience: int | None = Field(default=None, ge=1)  # None: every sample runs all iterations (authors' code)
     chunk_per_class: int = Field(default=20, ge=1)
     init_pool: int = Field(default=2000, ge=1)
     init_rounds: int = Field(default=20, ge=1)
