@@ -66,7 +66,7 @@ def plot_paths(out_dir: str | os.PathLike, profile: str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {"accuracy_vs_queries": out_dir / f"{profile}-accuracy-vs-queries.png",
             "mbd_heatmap": out_dir / f"{profile}-mbd-heatmap.png", "forest": out_dir / f"{profile}-forest.png",
-            "frontier": out_dir / f"{profile}-frontier.png"}
+            "frontier": out_dir / f"{profile}-frontier.png", "zsdb3kd_fig6": out_dir / f"{profile}-zsdb3kd-fig6.png"}
 
 
 def _budget(record: dict) -> int | None:
@@ -222,13 +222,50 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: st
     paths = plot_paths(out_dir, profile)
     written = []
     for key, fn in (("accuracy_vs_queries", accuracy_vs_queries), ("mbd_heatmap", class_distance_heatmap),
-                    ("forest", forest_plot), ("frontier", frontier)):
+                    ("forest", forest_plot), ("frontier", frontier), ("zsdb3kd_fig6", zsdb3kd_curves)):
         p = fn(records, paths[key])
         if p is not None:
             written.append(p)
         elif paths[key].exists():
             paths[key].unlink()
     return written
+
+
+def zsdb3kd_curves(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
+    """Paper Fig. 6 from ZSDB3KD records with ``tables["fig6"]`` (``--set curve_students=true``):
+    student test accuracy against pseudo samples per class (left) and against generation
+    iterations (right), mean over seeds with min-max bars where there are several; PNG or None."""
+    curves = [(r, (r.get("tables") or {}).get("fig6")) for r in records if r.get("method") == "zsdb3kd"]
+    curves = [(r, c) for r, c in curves if c]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, key, xlabel in ((axes[0], "per_class", "pseudo samples per class (first k of the transfer set)"),
+                            (axes[1], "iterations", "generation iterations")):
+        xs = sorted({int(k) for _, c in curves for k in c.get(key, {})})
+        ys = [[100 * _num(c[key][str(x)]) for _, c in curves if str(x) in c.get(key, {})] for x in xs]
+        mean = [sum(v) / len(v) for v in ys]
+        ax.plot(xs, mean, marker="o")
+        if len(curves) > 1:
+            ax.vlines(xs, [min(v) for v in ys], [max(v) for v in ys], color="C0", alpha=0.4)
+        for x, m in zip(xs, mean):
+            ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("student test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.08, y=0.15)
+        if key == "per_class":
+            ax.set_xscale("log")
+            ax.minorticks_off()
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+    per = curves[0][1].get("iteration_per_class")
+    axes[1].set_title(f"{per} pseudo samples per class at each iteration, labelled again", fontsize=9)
+    axes[0].set_title("final transfer set and its soft labels", fontsize=9)
+    fig.suptitle(f"ZSDB3KD, paper Fig. 6 ({_title_suffix([r for r, _ in curves])})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def forest_plot(records: Iterable[dict], path: str | os.PathLike, *, control: str = "student-ce") -> Path | None:

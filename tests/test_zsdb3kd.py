@@ -115,3 +115,21 @@ def test_every_sample_runs_every_iteration_unless_patience_is_set():
     full = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), cfg)
     early = generate_pseudo_samples(HardLabelOracle(CountingTeacher()), 3, (1, 6, 6), replace(cfg, patience=1))
     assert early.queries < full.queries
+
+
+def test_fig6_curves_are_recorded_with_their_queries(tmp_path):
+    """``curve_students``: one accuracy per subset size and per snapshot, the relabelling queries
+    reported apart and included in the run's total; the plot is drawn from the record."""
+    from db3kd.config import resolve
+    from db3kd.plots import zsdb3kd_curves
+    from db3kd.runner import run
+
+    config = resolve("digits", "zsdb3kd", "smoke", method_overrides={
+        "curve_students": True, "curve_per_class": (2, 6), "curve_iteration_per_class": 2})
+    record = run(config, progress=False)
+    fig6 = record["tables"]["fig6"]
+    assert set(fig6["per_class"]) == {"2", "6"} and set(fig6["iterations"]) == {"0", "1", "2"}
+    assert fig6["per_class"]["6"] == record["student_accuracy"]  # all of the transfer set: the final student
+    assert all(0.0 <= v <= 1.0 for part in ("per_class", "iterations") for v in fig6[part].values())
+    assert record["metrics"]["curve_queries"] == sum(fig6["iteration_queries"].values()) > 0
+    assert zsdb3kd_curves([record], tmp_path / "fig6.png").is_file()

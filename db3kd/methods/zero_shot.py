@@ -42,6 +42,13 @@ class ZSDB3KDParams(DB3KDParams):
     tol: float = Field(default=1e-4, gt=0)
     augment: str = "crop"
     noise: Literal["authors", "smooth", "mixed"] = "mixed"
+    # paper Fig. 6 (off by default): extra students for accuracy against pseudo samples per class
+    # (the first k per class of the final transfer set, with its soft labels: no extra queries) and
+    # against generation iterations (each snapshot's first curve_iteration_per_class per class,
+    # labelled again by MBD: those queries are reported as metrics["curve_queries"])
+    curve_students: bool = False
+    curve_per_class: tuple[int, ...] = (10, 30, 100, 300, 1000)
+    curve_iteration_per_class: int = Field(default=100, ge=1)
 
     profile_overrides: ClassVar[dict] = {
         "paper/cifar10": {"iterations": 100, "xi_o": 3.0, "augment": "crop_flip"},
@@ -112,10 +119,55 @@ class ZSDB3KD(_DB3KD):
             "mean_boundary_distance": float(pseudo.distance.mean()) if pseudo.distance.numel() else 0.0,
             "missing_classes": float(len(pseudo.missing)),
         }
+        tables = {}
+        if p.curve_students and ctx.evaluate_milestone is not None:
+            before_curves = oracle.queries
+            tables["fig6"] = self.curves(ctx, pseudo, transfer, y, targets, student)
+            metrics["curve_queries"] = float(oracle.queries - before_curves)
         ctx.log(metrics, None)
         return MethodOutput(student=student, metrics=metrics, transfer_set_size=int(x.shape[0]),
                             artifacts={"pseudo_samples_png": str(figure)}, resumed_queries=resumed,
-                            soft_labels=targets)
+                            soft_labels=targets, tables=tables)
+
+    def curves(self, ctx: MethodContext, pseudo, transfer, y, targets, student) -> dict:
+        """Paper Fig. 6: {"per_class": {k: test accuracy}, "iterations": {t: test accuracy},
+        "iteration_per_class": n, "iteration_queries": {t: label queries}}; the accuracies are for
+        the curves only (nothing is selected on them)."""
+        from db3kd.search import minimal_boundary_search, plan_chunks
+
+        p = self.params
+
+        def first_per_class(labels: torch.Tensor, k: int) -> torch.Tensor:
+            rank = torch.zeros_like(labels)
+            for c in labels.unique():
+                idx = (labels == c).nonzero().squeeze(1)
+                rank[idx] = torch.arange(idx.numel())
+            return rank < k
+
+        out = {"per_class": {}, "iterations": {}, "iteration_per_class": p.curve_iteration_per_class,
+               "iteration_queries": {}}
+        for k in sorted({min(int(c), p.per_class) for c in p.curve_per_class}):
+            if k >= p.per_class:
+                out["per_class"][str(k)] = ctx.evaluate_milestone(student)
+                continue
+            keep = first_per_class(y, k)
+            out["per_class"][str(k)] = ctx.evaluate_milestone(self.train_student_on(ctx, transfer[keep], y[keep],
+                                                                                     targets[keep]))
+        for it, (sx, sy) in sorted(pseudo.snapshots.items()):
+            keep = first_per_class(sy, p.curve_iteration_per_class)
+            sx, sy = sx[keep], sy[keep]
+            ref_idx = pick_references(sy, ctx.num_classes, p.refs_per_class, ctx.seed)
+            before = ctx.teacher.queries
+            res = ctx.executor.search(
+                minimal_boundary_search, ctx.teacher, sx, sy, sx[ref_idx], sy[ref_idx], ctx.num_classes,
+                num_chunks=len(plan_chunks(sx.shape[0], 32)), chunk_size=32, budget=p.label_budget,
+                num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
+                progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir(f"curve_iteration{it}"))
+            out["iteration_queries"][str(it)] = int(ctx.teacher.queries - before)
+            s_targets = self.soft_labels(res.distances, sy)
+            s_student = self.train_student_on(ctx, (sx * 255).round().to(torch.uint8), sy, s_targets)
+            out["iterations"][str(it)] = ctx.evaluate_milestone(s_student)
+        return out
 
     def train_student_on(self, ctx: MethodContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor):
         from db3kd.losses import kd_loss
