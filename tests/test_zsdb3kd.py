@@ -133,3 +133,16 @@ def test_fig6_curves_are_recorded_with_their_queries(tmp_path):
     assert all(0.0 <= v <= 1.0 for part in ("per_class", "iterations") for v in fig6[part].values())
     assert record["metrics"]["curve_queries"] == sum(fig6["iteration_queries"].values()) > 0
     assert zsdb3kd_curves([record], tmp_path / "fig6.png").is_file()
+
+
+def test_the_transfer_set_is_cached_across_student_settings():
+    """A run that changes only the student (tau) reuses the generation and its labels: nothing is sent."""
+    from db3kd.config import resolve
+    from db3kd.runner import run
+
+    first = run(resolve("digits", "zsdb3kd", "smoke", method_overrides={"tau": 0.3}))
+    again = run(resolve("digits", "zsdb3kd", "smoke", method_overrides={"tau": 2.0}))
+    assert again["queries_sent"] == 0 and again["queries_total"] == first["queries_total"] > 0
+    assert again["soft_label_sha256"] != first["soft_label_sha256"]  # same distances, another temperature
+    measured = run(resolve("digits", "zsdb3kd", "smoke", method_overrides={"tau": 2.0, "label_cache": False}))
+    assert measured["queries_sent"] == measured["queries_total"] == first["queries_total"]

@@ -4,6 +4,12 @@ Pseudo samples are generated through the oracle (:mod:`db3kd.zeroshot`), labelle
 soft labels (MBD against references drawn from the pseudo samples themselves, Eq. 4-7), and the
 student is trained on them with augmentation by Eq. 1. The training split is never touched; the
 validation split is used only to report the student's validation curve.
+
+The transfer set and its distances are cached like DB3KD's labels (``label_cache``, default on;
+off under a query budget): keyed by the teacher checkpoint, every parameter of the generation and
+the labelling, the seed, torch's version and the source of the engine and of :mod:`db3kd.zeroshot`,
+so tuning trials and reruns that change only the student reuse them (a run served from the cache
+sends no query: ``queries_sent`` 0, ``queries_total`` what the cached work cost).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from pydantic import Field
 
 from db3kd.context import MethodContext, MethodOutput
-from db3kd.methods.decision_based import PAPER, DB3KDParams, _DB3KD, pick_references
+from db3kd.methods.decision_based import _STUDENT_ONLY, PAPER, DB3KDParams, _DB3KD, _engine_source_digest, pick_references
 from db3kd.registry import register_method
 
 
@@ -93,18 +99,25 @@ class ZSDB3KD(_DB3KD):
             snapshots=tuple(sorted({0, p.iterations // 4, p.iterations // 2, p.iterations})),
         )
         before = oracle.queries
-        pseudo = ctx.executor.search(generate_pseudo_samples, oracle, ctx.num_classes, ctx.image_shape, gen_cfg,
-                                     num_chunks=len(plan_chunks(p.per_class, p.chunk_per_class)), dir_arg="out_dir",
-                                     out_dir=ctx.checkpoint_dir("pseudo_samples"), progress=ctx.progress)
+
+        def compute():
+            pseudo = ctx.executor.search(generate_pseudo_samples, oracle, ctx.num_classes, ctx.image_shape, gen_cfg,
+                                         num_chunks=len(plan_chunks(p.per_class, p.chunk_per_class)),
+                                         dir_arg="out_dir", out_dir=ctx.checkpoint_dir("pseudo_samples"),
+                                         progress=ctx.progress)
+            x, y = pseudo.x, pseudo.y
+            ref_idx = pick_references(y, ctx.num_classes, p.refs_per_class, ctx.seed)
+            label_chunk = 32  # samples per labelling chunk (minimal_boundary_search's default, as before)
+            result = ctx.executor.search(
+                minimal_boundary_search, oracle, x, y, x[ref_idx], y[ref_idx], ctx.num_classes,
+                num_chunks=len(plan_chunks(x.shape[0], label_chunk)), chunk_size=label_chunk, budget=p.label_budget,
+                num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
+                progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
+            )
+            return pseudo, result
+
+        pseudo, result = self._cached_transfer_set(ctx, compute)
         x, y = pseudo.x, pseudo.y
-        ref_idx = pick_references(y, ctx.num_classes, p.refs_per_class, ctx.seed)
-        label_chunk = 32  # samples per labelling chunk (minimal_boundary_search's default, as before)
-        result = ctx.executor.search(
-            minimal_boundary_search, oracle, x, y, x[ref_idx], y[ref_idx], ctx.num_classes,
-            num_chunks=len(plan_chunks(x.shape[0], label_chunk)), chunk_size=label_chunk, budget=p.label_budget,
-            num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
-            progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir("robustness"),
-        )
         # work reloaded from an interrupted run was paid for there: count it once, here
         resumed = pseudo.queries + result.total_queries - (oracle.queries - before)
         targets = self.soft_labels(result.distances, y)
@@ -168,6 +181,39 @@ class ZSDB3KD(_DB3KD):
             s_student = self.train_student_on(ctx, (sx * 255).round().to(torch.uint8), sy, s_targets)
             out["iterations"][str(it)] = ctx.evaluate_milestone(s_student)
         return out
+
+    def _cached_transfer_set(self, ctx: MethodContext, compute):
+        """(PseudoSamples, RobustnessResult) from the cache when present, else computed and stored."""
+        import hashlib
+        import json
+        from pathlib import Path
+
+        from db3kd import zeroshot
+        from db3kd.teacher import cache_root
+
+        p = self.params
+        if not p.label_cache or ctx.teacher_checkpoint is None or getattr(ctx.config, "query_budget", None) is not None:
+            return compute()
+        skip = set(_STUDENT_ONLY) | {"augment", "curve_students", "curve_per_class", "curve_iteration_per_class"}
+        spec = {k: v for k, v in p.model_dump().items() if k not in skip}
+        h = hashlib.sha256(json.dumps({
+            "teacher": ctx.teacher_checkpoint, "method": self.name, "params": spec, "seed": ctx.seed,
+            "torch": torch.__version__, "engine": _engine_source_digest(),
+            "generation": hashlib.sha256(Path(zeroshot.__file__).read_bytes()).hexdigest()[:16], "format": 1,
+        }, sort_keys=True, default=str).encode())
+        path = cache_root() / "labels" / f"{self.name}-{h.hexdigest()[:24]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
+        from db3kd.training import atomic_save
+
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                state = torch.load(path, map_location="cpu", weights_only=False)  # our own cache file
+                return state["pseudo"], state["result"]
+            pseudo, result = compute()
+            atomic_save({"pseudo": pseudo, "result": result}, path)
+            return pseudo, result
 
     def train_student_on(self, ctx: MethodContext, x: torch.Tensor, y: torch.Tensor, targets: torch.Tensor):
         from db3kd.losses import kd_loss
