@@ -89,18 +89,24 @@ def test_mbd_never_exceeds_a_pair_budget(binary_linear, estimator):
 
 
 def test_walk_enforces_the_budget_even_when_its_cost_prediction_is_wrong(binary_linear, monkeypatch):
-    """The prediction Q + 1 + ceil(log2(r / tol)) only decides whether a pair starts an iteration. With a
-    prediction that ignores the bisection entirely, pairs start iterations they cannot finish: the
-    bisection must still stop each pair at its budget, and every query must be counted."""
+    """The prediction Q (+ geo's line search) + 1 + ceil(log2(r / tol)) only decides whether a pair starts an
+    iteration. With a prediction that ignores the bisection entirely (it keeps the iteration's fixed cost:
+    the estimator's probes and the test query), pairs start iterations they cannot finish: the bisection
+    must still stop each pair at its budget, and every query must be counted."""
     import db3kd.search.walk as walk
 
-    monkeypatch.setattr(walk, "predicted_cost", lambda r, cfg: torch.full_like(r, cfg.num_directions + 1).long())
+    def fixed_cost_only(r, cfg):
+        return torch.full_like(r, cfg.num_directions + 1 + (walk.PENCIL_STEPS if cfg.estimator == "geo" else 0)).long()
+
+    monkeypatch.setattr(walk, "predicted_cost", fixed_cost_only)
     model, w, c, x, y, refs, ref_labels = setup_binary(binary_linear, n=12)
     for budget in (40, 77, 150):
-        oracle = HardLabelOracle(model)
-        res = minimal_boundary_search(oracle, x, y, refs, ref_labels, 2, budget=budget, num_directions=6, tol=1e-6)
-        assert int(res.queries.max()) == budget  # the walk ran into the budget ...
-        assert res.total_queries == oracle.queries  # ... and no query went uncounted
+        for estimator in ("geo", "tangent"):
+            oracle = HardLabelOracle(model)
+            res = minimal_boundary_search(oracle, x, y, refs, ref_labels, 2, budget=budget, num_directions=6, tol=1e-6,
+                                          estimator=estimator)
+            assert int(res.queries.max()) == budget, estimator  # the walk ran into the budget ...
+            assert res.total_queries == oracle.queries  # ... and no query went uncounted
 
 
 def test_paper_estimator_walks_towards_the_plane(binary_linear):
