@@ -241,7 +241,7 @@ def test_zsdb3kd_generation_and_labelling_on_ray_are_bit_identical(ray_cluster, 
     from db3kd.distributed import RayExecutor
     from db3kd.runner import run
 
-    config = resolve("digits", "zsdb3kd", "smoke", 0)
+    config = resolve("digits", "zsdb3kd", "smoke", 0, method_overrides=NO_CACHE)  # measured twice, not cached
     local = run(config, run_dir=tmp_path / "local")
     remote = run(config, run_dir=tmp_path / "ray", executor=RayExecutor(workers=2))
     for key in ("queries_total", "queries_sent", "student_accuracy", "soft_label_sha256", "metrics"):
