@@ -188,8 +188,10 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
             row[f"p_vs_{key}"] = s.get(f"p_vs_{key}", float("nan"))
             row[f"diff_vs_{key}"] = s.get(f"diff_vs_{key}")
         row["params"] = ", ".join(_unique(_params_label(r) for r in rs_row))
-        row["chosen_milestones"] = _unique(int(r["metrics"]["chosen_milestone"]) for r in rs_row
-                                           if (r.get("metrics") or {}).get("chosen_milestone") is not None)
+        chosen = [int(r["metrics"]["chosen_milestone"]) for r in rs_row
+                  if (r.get("metrics") or {}).get("chosen_milestone") is not None]
+        # {milestone: number of seeds that chose it}, in query order
+        row["chosen_milestones"] = {m: chosen.count(m) for m in sorted(set(chosen))}
         row["student_arch"] = ", ".join(_unique(r.get("student_arch") or (r.get("config") or {}).get("student", {}).get("arch")
                                                 for r in rs_row)) or "?"
     rows.sort(key=_row_order)
@@ -319,7 +321,12 @@ def _display_rows(rows: list[dict], *, links: bool) -> list[list[str]]:
     for row in rows:
         name = row["method"] + (" (reference)" if row["reference_row"] else "")
         if row.get("chosen_milestones"):
-            name += f" ({', '.join(f'{m:,}' for m in row['chosen_milestones'])} queries/pair, chosen on val)"
+            picks = row["chosen_milestones"]
+            if len(picks) == 1:
+                name += f" ({next(iter(picks)):,} queries/pair, chosen on val)"
+            else:
+                counts = ", ".join(f"{m:,} in {k} seed{'s' if k > 1 else ''}" for m, k in picks.items())
+                name += f" (queries/pair chosen on val: {counts})"
         configs = " ".join(
             (f"[s{seed}](configs/{h}.json)" if links else f"s{seed}: {h}") for seed, h in sorted(row["config_hashes"].items()))
         out.append([

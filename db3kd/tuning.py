@@ -9,7 +9,9 @@ Every method gets the same number of trials over a declared search space (:func:
   :func:`to_distribution`), e.g. tau, tau^2 on/off, loss weights, the noise-logits range, BAN
   generations, the label-smoothing epsilon.
 
-Sampler: TPE with a fixed seed (``sampler_seed``, default 0). Pruner: Optuna's MedianPruner on the
+Sampler: TPE with a fixed seed (``sampler_seed``, default 0). Its first ``n_startup_trials`` (Optuna's
+default, 10) are seeded random draws, so a study of 10 trials is seeded random search, and two
+methods with the same search space are offered the same candidates. Pruner: Optuna's MedianPruner on the
 validation accuracy the training loop reports after every epoch of the final student (the
 ``student/val_accuracy`` metric of :func:`db3kd.training.fit`); methods whose final stage reports
 nothing per epoch are simply not pruned.

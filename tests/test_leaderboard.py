@@ -320,3 +320,22 @@ def test_variants_in_mlflow_keep_their_own_runs_and_records(tmp_path, monkeypatc
     back = records_from_mlflow(uri)
     assert sorted(r["variant"] for r in back) == ["default", "tau05"]
     assert next(r for r in back if r["variant"] == "tau05")["config_diff"] == {"tau": 0.5}
+
+
+def test_mbd_row_says_which_milestone_each_seed_chose_on_val(tmp_path):
+    root = tmp_path / "results"
+    for seed, chosen in enumerate([120, 60, 120]):
+        r = make_record("db3kd-mbd", seed, 0.8 + 0.01 * seed)
+        r["metrics"]["chosen_milestone"] = chosen
+        rec.write_record(r, root)
+    lb.write_all(root)
+    names = [row[0] for row in _md_rows((root / "mnist" / "smoke.md").read_text())]
+    assert names == ["db3kd-mbd (queries/pair chosen on val: 60 in 1 seed, 120 in 2 seeds)"]
+    r = make_record("db3kd-mbd", 3, 0.8)
+    r["metrics"]["chosen_milestone"] = 1200
+    for seed in range(3):
+        (root / "records" / "mnist" / "smoke" / f"db3kd-mbd-s{seed}.json").unlink()
+    rec.write_record(r, root)
+    lb.write_all(root)
+    assert [row[0] for row in _md_rows((root / "mnist" / "smoke.md").read_text())] == [
+        "db3kd-mbd (1,200 queries/pair, chosen on val)"]
