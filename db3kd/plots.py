@@ -231,26 +231,56 @@ def write_plots(records: Iterable[dict], out_dir: str | os.PathLike, profile: st
     return written
 
 
+def zsdb3kd_series(records: Iterable[dict]) -> dict[str, dict]:
+    """Paper Fig. 6's lines from ZSDB3KD records with ``tables["fig6"]``, one per configuration (record
+    variant and where its parameters came from: tuned on val or the profile's defaults), never pooled
+    across configurations: ``{label: {"per_class": {k: [acc % per seed]}, "iterations": {t: [...]},
+    "iteration_per_class": int, "records": [...]}}``; the label ends with the seed count."""
+    from db3kd.records import record_variant
+
+    def params_of(r: dict) -> str:
+        return str(((r.get("config") or {}).get("extra") or {}).get("params") or "paper settings (profile defaults)")
+
+    groups: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
+    for r in records:
+        c = (r.get("tables") or {}).get("fig6") if r.get("method") == "zsdb3kd" else None
+        if c:
+            groups.setdefault((record_variant(r), params_of(r)), []).append((r, c))
+    out = {}
+    for (variant, params), members in sorted(groups.items()):
+        n = len({int(r["seed"]) for r, _ in members})
+        series = {"records": [r for r, _ in members], "iteration_per_class": members[0][1].get("iteration_per_class")}
+        for key in ("per_class", "iterations"):
+            xs = sorted({int(k) for _, c in members for k in c.get(key, {})})
+            series[key] = {x: [100 * _num(c[key][str(x)]) for _, c in members if str(x) in c.get(key, {})] for x in xs}
+        out[f"{variant}: {params} ({n} seed{'s' if n != 1 else ''})"] = series
+    return out
+
+
 def zsdb3kd_curves(records: Iterable[dict], path: str | os.PathLike) -> Path | None:
-    """Paper Fig. 6 from ZSDB3KD records with ``tables["fig6"]`` (``--set curve_students=true``):
-    student test accuracy against pseudo samples per class (left) and against generation
-    iterations (right), mean over seeds with min-max bars where there are several; PNG or None."""
-    curves = [(r, (r.get("tables") or {}).get("fig6")) for r in records if r.get("method") == "zsdb3kd"]
-    curves = [(r, c) for r, c in curves if c]
-    if not curves:
+    """Paper Fig. 6 (:func:`zsdb3kd_series`): student test accuracy (%) against pseudo samples per
+    class (left) and against generation iterations (right), one line per configuration, the mean over
+    its seeds with min-max bars where it has several; PNG path or None."""
+    lines = zsdb3kd_series(records)
+    if not lines:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for g, (label, series) in enumerate(lines.items()):
+        color = f"C{g % 10}"
+        for ax, key in ((axes[0], "per_class"), (axes[1], "iterations")):
+            xs = list(series[key])
+            mean = [sum(v) / len(v) for v in series[key].values()]
+            ax.plot(xs, mean, marker="o", color=color, label=label)
+            if len(series["records"]) > 1:
+                ax.vlines(xs, [min(v) for v in series[key].values()], [max(v) for v in series[key].values()],
+                          color=color, alpha=0.4)
+            for x, m in zip(xs, mean):
+                ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7,
+                            color=color)
     for ax, key, xlabel in ((axes[0], "per_class", "pseudo samples per class (first k of the transfer set)"),
                             (axes[1], "iterations", "generation iterations")):
-        xs = sorted({int(k) for _, c in curves for k in c.get(key, {})})
-        ys = [[100 * _num(c[key][str(x)]) for _, c in curves if str(x) in c.get(key, {})] for x in xs]
-        mean = [sum(v) / len(v) for v in ys]
-        ax.plot(xs, mean, marker="o")
-        if len(curves) > 1:
-            ax.vlines(xs, [min(v) for v in ys], [max(v) for v in ys], color="C0", alpha=0.4)
-        for x, m in zip(xs, mean):
-            ax.annotate(f"{m:.1f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        xs = sorted({x for series in lines.values() for x in series[key]})
         ax.set_xlabel(xlabel)
         ax.set_ylabel("student test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -260,11 +290,13 @@ def zsdb3kd_curves(records: Iterable[dict], path: str | os.PathLike) -> Path | N
             ax.minorticks_off()
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs])
-    per = curves[0][1].get("iteration_per_class")
-    axes[1].set_title(f"{per} pseudo samples per class at each iteration, labelled again", fontsize=9)
+    pers = sorted({s["iteration_per_class"] for s in lines.values()} - {None})
+    axes[1].set_title(f"{', '.join(map(str, pers))} pseudo samples per class at each iteration, labelled again",
+                      fontsize=9)
     axes[0].set_title("final transfer set and its soft labels", fontsize=9)
-    fig.suptitle(f"ZSDB3KD, paper Fig. 6 ({_title_suffix([r for r, _ in curves])})", fontsize=10)
-    fig.tight_layout()
+    axes[1].legend(loc="lower right", fontsize=7)  # accuracy rises with iterations: that corner stays empty
+    fig.suptitle(f"ZSDB3KD, paper Fig. 6 ({_title_suffix([r for s in lines.values() for r in s['records']])})",
+                 fontsize=10)
     return _save(fig, path)
 
 

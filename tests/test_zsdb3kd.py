@@ -135,6 +135,28 @@ def test_fig6_curves_are_recorded_with_their_queries(tmp_path):
     assert zsdb3kd_curves([record], tmp_path / "fig6.png").is_file()
 
 
+def test_fig6_lines_are_per_configuration_never_pooled(tmp_path):
+    """Two configurations (a variant with the defaults, one tuned) are two lines; seeds of one
+    configuration are pooled into its mean."""
+    from db3kd.plots import zsdb3kd_curves, zsdb3kd_series
+
+    def record(seed, variant, params, acc):
+        extra = {"params": params} if params else {}
+        return {"method": "zsdb3kd", "seed": seed, "variant": variant, "dataset": "mnist", "profile": "cpu",
+                "config": {"extra": extra}, "tables": {"fig6": {
+                    "per_class": {"10": acc / 2, "1000": acc}, "iterations": {"0": acc / 3, "20": acc},
+                    "iteration_per_class": 100}}}
+
+    records = [record(0, "fig6", None, 0.75), record(0, "fig6-tuned", "tuned on val (10 trials)", 0.9),
+               record(1, "fig6-tuned", "tuned on val (10 trials)", 0.8), {"method": "zskt", "seed": 0}]
+    lines = zsdb3kd_series(records)
+    assert list(lines) == ["fig6: paper settings (profile defaults) (1 seed)",
+                           "fig6-tuned: tuned on val (10 trials) (2 seeds)"]
+    assert lines["fig6: paper settings (profile defaults) (1 seed)"]["per_class"] == {10: [37.5], 1000: [75.0]}
+    assert lines["fig6-tuned: tuned on val (10 trials) (2 seeds)"]["iterations"][20] == [90.0, 80.0]
+    assert zsdb3kd_curves(records, tmp_path / "fig6.png").is_file()
+
+
 def test_the_transfer_set_is_cached_across_student_settings():
     """A run that changes only the student (tau) reuses the generation and its labels: nothing is sent."""
     from db3kd.config import resolve
