@@ -137,7 +137,8 @@ def _add_tune(sub) -> argparse.ArgumentParser:
     tune.add_argument("--dataset", required=True, choices=dataset_choices())
     tune.add_argument("--method", required=True, help="registered method name")
     tune.add_argument("--trials", type=int, required=True, metavar="N",
-                      help="finished trials in all (a resumed study runs only the missing ones)")
+                      help="finished sampler trials in all (a resumed study runs only the missing ones); "
+                           "the profile's defaults are scored once on top, see --no-defaults-trial")
     tune.add_argument("--profile", default="cpu", choices=PROFILE_CHOICES, help="default: cpu")
     tune.add_argument("--seed", type=int, default=0, help="run seed of every trial (default: 0)")
     tune.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
@@ -149,6 +150,9 @@ def _add_tune(sub) -> argparse.ArgumentParser:
     tune.add_argument("--tracking-uri", default=None, metavar="URI",
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     tune.add_argument("--no-tracking", action="store_true", help="do not log the trials to MLflow")
+    tune.add_argument("--no-defaults-trial", action="store_true",
+                      help="do not score the profile's defaults as an extra trial (then the chosen values "
+                           "can be worse on validation than the defaults)")
     return tune
 
 
@@ -161,7 +165,11 @@ def _cmd_tune(args) -> int:
     entry = tune(args.dataset, args.method, args.trials, profile=args.profile, seed=args.seed,
                  sampler_seed=args.sampler_seed, storage=args.storage, data_root=args.data_root, device=device,
                  tracking_uri=args.tracking_uri, tracking=not args.no_tracking, out_dir=args.out,
-                 progress=sys.stderr.isatty())
+                 progress=sys.stderr.isatty(), defaults_trial=not args.no_defaults_trial)
+    defaults = entry.get("defaults_trial")
+    if defaults:
+        score = "pruned" if defaults["val_accuracy"] is None else f"{defaults['val_accuracy']:.4f}"
+        print(f"defaults (trial {defaults['number']}): validation accuracy {score}")
     print(f"best validation accuracy {entry['best_val_accuracy']:.4f} (trial {entry['best_trial']}, "
           f"{entry['complete_trials']} complete, {entry['pruned_trials']} pruned of {entry['trials']})")
     print(f"params {json.dumps(entry['params'], sort_keys=True)} student {json.dumps(entry['student'], sort_keys=True)}")

@@ -1,6 +1,8 @@
 """Equal tuning on the validation split: one Optuna study per (dataset, profile, method).
 
-Every method gets the same number of trials over a declared search space (:func:`search_space`):
+Every method gets the same number of trials over a declared search space (:func:`search_space`),
+plus one trial of its profile's defaults (the ``--params paper`` values, :func:`default_values`),
+so that no method's tuned values are worse on validation than its untuned ones:
 
 * the student recipe, common to all methods (:data:`STUDENT_SPACE`): learning rate (log-uniform
   1e-4 .. 1e-2) and epochs (from a quarter of the profile's cap up to the cap). A method whose
@@ -171,6 +173,29 @@ def _split(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return method, student
 
 
+def default_values(space: dict[str, Any], base) -> tuple[dict[str, Any], list[str]]:
+    """The profile's defaults (``params="paper"``) of every knob in ``space``, as an Optuna trial
+    would suggest them: (values inside their distribution, names whose default lies outside it and
+    are left to the sampler). ``base``: a configuration resolved with ``params="paper"``."""
+    import optuna.distributions as d
+
+    values, outside = {}, []
+    for name, dist in space.items():
+        if name.startswith("student."):
+            value = getattr(base.student, name[len("student."):])
+        else:
+            value = base.method_params.get(name)
+        if isinstance(dist, (d.FloatDistribution, d.IntDistribution)):
+            inside = value is not None and not isinstance(value, bool) and dist.low <= value <= dist.high
+        else:
+            inside = value in dist.choices
+        if inside:
+            values[name] = value
+        else:
+            outside.append(name)
+    return values, outside
+
+
 def tune(
     dataset: str,
     method: str,
@@ -189,12 +214,18 @@ def tune(
     progress: bool = False,
     splits=None,
     on_trial: Callable[[dict], None] | None = None,
+    defaults_trial: bool = True,
 ) -> dict:
     """Run (or resume) the study of ``method`` on (dataset, profile) to ``trials`` finished trials.
 
     Each trial resolves the configuration with ``params="paper"`` plus the trial's values, runs it
     on :func:`validation_view` (objective: the student's validation accuracy, a fraction) with run
     seed ``seed``, and reports the final student's per-epoch validation accuracy to the pruner.
+    ``trials`` counts the sampler's trials; with ``defaults_trial`` (the default) the study also
+    scores the profile's defaults (:func:`default_values`) once, as an enqueued trial with user
+    attribute ``defaults``, so the chosen values are never worse on validation than the defaults
+    (a trial the pruner stops is not a candidate, defaults included). The entry's ``trials`` counts
+    every finished trial, the defaults' included; ``defaults_trial`` gives its number, state and score.
     Writes the best values into ``<out_dir>/<dataset>-<profile>.json`` (other methods' entries are
     kept) and returns this method's entry. Raises ConfigError for a bad method, profile or space,
     DB3KDError when no trial finished.
@@ -266,7 +297,16 @@ def tune(
             on_trial({"number": trial.number, "values": values, "val_accuracy": val})
         return val
 
-    missing = trials - len(done())
+    sampled = [t for t in done() if not t.user_attrs.get("defaults")]
+    missing = trials - len(sampled)
+    if defaults_trial and not any(t.user_attrs.get("defaults") for t in done()):
+        values, outside = default_values(space, base)
+        # a defaults trial left RUNNING by a killed process never finishes: enqueue it again, unless
+        # one is already waiting (not Optuna's skip_if_exists, which also counts the stale one)
+        waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING and t.user_attrs.get("defaults")]
+        if not waiting:
+            study.enqueue_trial(values, user_attrs={"defaults": True, "defaults_outside_space": outside})
+        missing = max(missing, 0) + 1
     if missing > 0:
         study.optimize(objective, n_trials=missing, catch=())
     tracker.finish_session([dataset])
@@ -281,6 +321,9 @@ def tune(
         "seed": seed, "sampler": f"TPESampler(seed={sampler_seed})",
         "pruner": "MedianPruner(n_startup_trials=5, n_warmup_steps=1) on the final student's per-epoch val accuracy",
         "search_space": {k: repr(v) for k, v in space.items()}, "study": study.study_name,
+        "defaults_trial": next(({"number": t.number, "state": t.state.name, "val_accuracy": t.value,
+                                 "outside_space": t.user_attrs.get("defaults_outside_space", [])}
+                                for t in done() if t.user_attrs.get("defaults")), None),
         "command": command or command_line(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -90,10 +90,30 @@ def test_two_trial_study_on_validation_is_resumable(tmp_path, monkeypatch):
     kwargs = dict(profile="smoke", tracking=False, out_dir=tmp_path / "tuned", storage=f"sqlite:///{tmp_path}/s.db",
                   splits=poisoned, on_trial=seen.append)
     entry = tuning.tune("digits", "student-ce", 2, **kwargs)
-    assert entry["trials"] == 2 and len(seen) == 2
+    # two sampled trials, and first the profile's defaults as an enqueued trial
+    assert entry["trials"] == 3 and len(seen) == 3
+    assert seen[0]["values"] == {"student.lr": 0.005, "student.epochs": 10} == tuning.default_values(
+        tuning.search_space("student-ce", "smoke", "digits"), resolve("digits", "student-ce", "smoke", 0, params="paper"))[0]
+    assert entry["defaults_trial"]["number"] == seen[0]["number"] == 0
+    assert entry["defaults_trial"]["val_accuracy"] == seen[0]["val_accuracy"]  # no pruning in the first 5 trials
     assert entry["best_val_accuracy"] == max(t["val_accuracy"] for t in seen) > 0.15  # chance 0.1; on the test split: 0
     stored = json.loads((tmp_path / "tuned" / "digits-smoke.json").read_text())["student-ce"]
     assert set(stored["student"]) == {"lr", "epochs"} and stored["sampler"] == "TPESampler(seed=0)"
     # resumed: only the missing trial runs
     again = tuning.tune("digits", "student-ce", 3, **kwargs)
-    assert again["trials"] == 3 and len(seen) == 3
+    assert again["trials"] == 4 and len(seen) == 4 and again["defaults_trial"] == entry["defaults_trial"]
+
+
+@pytest.mark.slow
+def test_a_defaults_trial_left_running_by_a_killed_process_is_scored_again(tmp_path, monkeypatch):
+    import optuna
+
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path / "cache"))
+    storage = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="digits-smoke-student-ce-seed0", storage=storage, direction="maximize")
+    stale = study.ask()  # RUNNING forever, as after a kill
+    stale.set_user_attr("defaults", True)
+    entry = tuning.tune("digits", "student-ce", 1, profile="smoke", tracking=False, out_dir=tmp_path / "tuned",
+                        storage=storage)
+    assert entry["defaults_trial"]["state"] == "COMPLETE" and entry["defaults_trial"]["number"] == 1
+    assert entry["trials"] == 2  # the defaults and one sampled trial; the stale one is not counted
