@@ -183,8 +183,10 @@ def default_values(space: dict[str, Any], base) -> tuple[dict[str, Any], list[st
     for name, dist in space.items():
         if name.startswith("student."):
             value = getattr(base.student, name[len("student."):])
-        else:
+        else:  # a method's own lr / epochs default to None: "the student recipe's"
             value = base.method_params.get(name)
+            if value is None and hasattr(base.student, name):
+                value = getattr(base.student, name)
         if isinstance(dist, (d.FloatDistribution, d.IntDistribution)):
             inside = value is not None and not isinstance(value, bool) and dist.low <= value <= dist.high
         else:
@@ -297,10 +299,16 @@ def tune(
             on_trial({"number": trial.number, "values": values, "val_accuracy": val})
         return val
 
-    sampled = [t for t in done() if not t.user_attrs.get("defaults")]
+    values, outside = default_values(space, base)
+
+    def is_defaults(t) -> bool:
+        """A defaults trial of today's defaults (one scored with other values counts as sampled)."""
+        return bool(t.user_attrs.get("defaults")) and t.user_attrs.get("defaults_outside_space", []) == outside and all(
+            t.params.get(k) == v for k, v in values.items())
+
+    sampled = [t for t in done() if not is_defaults(t)]
     missing = trials - len(sampled)
-    if defaults_trial and not any(t.user_attrs.get("defaults") for t in done()):
-        values, outside = default_values(space, base)
+    if defaults_trial and not any(is_defaults(t) for t in done()):
         # a defaults trial left RUNNING by a killed process never finishes: enqueue it again, unless
         # one is already waiting (not Optuna's skip_if_exists, which also counts the stale one)
         waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING and t.user_attrs.get("defaults")]
@@ -323,7 +331,7 @@ def tune(
         "search_space": {k: repr(v) for k, v in space.items()}, "study": study.study_name,
         "defaults_trial": next(({"number": t.number, "state": t.state.name, "val_accuracy": t.value,
                                  "outside_space": t.user_attrs.get("defaults_outside_space", [])}
-                                for t in done() if t.user_attrs.get("defaults")), None),
+                                for t in done() if is_defaults(t)), None),
         "command": command or command_line(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -117,3 +117,11 @@ def test_a_defaults_trial_left_running_by_a_killed_process_is_scored_again(tmp_p
                         storage=storage)
     assert entry["defaults_trial"]["state"] == "COMPLETE" and entry["defaults_trial"]["number"] == 1
     assert entry["trials"] == 2  # the defaults and one sampled trial; the stale one is not counted
+
+
+def test_defaults_of_a_methods_own_lr_and_epochs_fall_back_to_the_student_recipe():
+    base = resolve("digits", "noise-input", "smoke", 0, params="paper")
+    space = tuning.search_space("noise-input", "smoke", "digits")
+    assert base.method_params["lr"] is None and base.method_params["epochs"] == 2 and set(space) == {"lr", "epochs"}
+    values, outside = tuning.default_values(space, base)
+    assert values == {"lr": base.student.lr, "epochs": 2} and outside == []  # None -> the student's lr
