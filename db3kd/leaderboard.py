@@ -187,7 +187,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
             key = control.replace("-", "_")
             row[f"p_vs_{key}"] = s.get(f"p_vs_{key}", float("nan"))
             row[f"diff_vs_{key}"] = s.get(f"diff_vs_{key}")
-        row["params"] = ", ".join(_unique(_params_label(r) for r in rs_row))
+        row["params"] = ", ".join(_unique(params_label(r) for r in rs_row))
         chosen = [int(r["metrics"]["chosen_milestone"]) for r in rs_row
                   if (r.get("metrics") or {}).get("chosen_milestone") is not None]
         # {milestone: number of seeds that chose it}, in query order
@@ -198,7 +198,7 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def _params_label(record: dict) -> str:
+def params_label(record: dict) -> str:
     """Where a run's method parameters came from: ``tuned on val (N trials)`` or the profile's defaults."""
     extra = (record.get("config") or {}).get("extra") or {}
     return str(extra.get("params") or "paper settings (profile defaults)")

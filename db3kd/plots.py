@@ -236,16 +236,14 @@ def zsdb3kd_series(records: Iterable[dict]) -> dict[str, dict]:
     variant and where its parameters came from: tuned on val or the profile's defaults), never pooled
     across configurations: ``{label: {"per_class": {k: [acc % per seed]}, "iterations": {t: [...]},
     "iteration_per_class": int, "records": [...]}}``; the label ends with the seed count."""
+    from db3kd.leaderboard import params_label
     from db3kd.records import record_variant
-
-    def params_of(r: dict) -> str:
-        return str(((r.get("config") or {}).get("extra") or {}).get("params") or "paper settings (profile defaults)")
 
     groups: dict[tuple[str, str], list[tuple[dict, dict]]] = {}
     for r in records:
         c = (r.get("tables") or {}).get("fig6") if r.get("method") == "zsdb3kd" else None
         if c:
-            groups.setdefault((record_variant(r), params_of(r)), []).append((r, c))
+            groups.setdefault((record_variant(r), params_label(r)), []).append((r, c))
     out = {}
     for (variant, params), members in sorted(groups.items()):
         n = len({int(r["seed"]) for r, _ in members})

@@ -299,12 +299,12 @@ def tune(
             on_trial({"number": trial.number, "values": values, "val_accuracy": val})
         return val
 
-    values, outside = default_values(space, base)
+    defaults, outside = default_values(space, base)
 
     def is_defaults(t) -> bool:
         """A defaults trial of today's defaults (one scored with other values counts as sampled)."""
         return bool(t.user_attrs.get("defaults")) and t.user_attrs.get("defaults_outside_space", []) == outside and all(
-            t.params.get(k) == v for k, v in values.items())
+            t.params.get(k) == v for k, v in defaults.items())
 
     sampled = [t for t in done() if not is_defaults(t)]
     missing = trials - len(sampled)
@@ -313,7 +313,7 @@ def tune(
         # one is already waiting (not Optuna's skip_if_exists, which also counts the stale one)
         waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING and t.user_attrs.get("defaults")]
         if not waiting:
-            study.enqueue_trial(values, user_attrs={"defaults": True, "defaults_outside_space": outside})
+            study.enqueue_trial(defaults, user_attrs={"defaults": True, "defaults_outside_space": outside})
         missing = max(missing, 0) + 1
     if missing > 0:
         study.optimize(objective, n_trials=missing, catch=())
