@@ -199,9 +199,37 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
 
 
 def params_label(record: dict) -> str:
-    """Where a run's method parameters came from: ``tuned on val (N trials)`` or the profile's defaults."""
-    extra = (record.get("config") or {}).get("extra") or {}
-    return str(extra.get("params") or "paper settings (profile defaults)")
+    """Where a run's method parameters came from: ``tuned on val (N trials)`` or the profile's defaults.
+
+    N is the study's trial count when the run was configured; a study resumed later (for example to
+    score the defaults too) that kept the same best values reports its current count, since the run's
+    values are that longer study's choice as well (the harness reuses such a run instead of redoing it).
+    """
+    config = record.get("config") or {}
+    label = str((config.get("extra") or {}).get("params") or "paper settings (profile defaults)")
+    if label.startswith("tuned on val"):
+        entry = _current_tuned(config)
+        if entry is not None:
+            label = f"tuned on val ({entry['trials']} trials)"
+    return label
+
+
+def _current_tuned(config: dict) -> dict | None:
+    """The committed tuned entry of the run's (dataset, profile, method) when the run used exactly its
+    values, else None."""
+    from db3kd.errors import ConfigError
+    from db3kd.tuning import load_tuned
+
+    try:
+        entry = load_tuned(str(config.get("dataset")), str(config.get("profile")), str(config.get("method")))
+    except ConfigError:  # an unreadable tuned file leaves the record's own label
+        return None
+    if not entry or not isinstance(entry.get("trials"), int):
+        return None
+    sections = (("params", config.get("method_params") or {}), ("student", config.get("student") or {}))
+    same = all(isinstance(entry.get(key), dict) and all(k in used and used[k] == v for k, v in entry[key].items())
+               for key, used in sections)
+    return entry if same else None
 
 
 def _group_index(value: str, levels: tuple[str, ...]) -> int:

@@ -339,3 +339,20 @@ def test_mbd_row_says_which_milestone_each_seed_chose_on_val(tmp_path):
     lb.write_all(root)
     assert [row[0] for row in _md_rows((root / "mnist" / "smoke.md").read_text())] == [
         "db3kd-mbd (1,200 queries/pair, chosen on val)"]
+
+
+def test_params_label_follows_a_resumed_study_only_while_the_values_are_the_same(tmp_path, monkeypatch):
+    monkeypatch.setenv("DB3KD_TUNED_DIR", str(tmp_path))
+    record = make_record("db3kd-bd", 0, 0.9)
+    record["config"]["extra"] = {"params": "tuned on val (10 trials)"}
+    record["config"]["method_params"]["tau"] = 1.5
+    record["config"]["student"]["lr"] = 0.002
+    assert lb.params_label(record) == "tuned on val (10 trials)"  # no tuned file: the record's own label
+    entry = {"trials": 11, "params": {"tau": 1.5}, "student": {"lr": 0.002}}
+    (tmp_path / "mnist-smoke.json").write_text(json.dumps({"db3kd-bd": entry}))
+    assert lb.params_label(record) == "tuned on val (11 trials)"  # the longer study kept these values
+    entry["params"]["tau"] = 2.0
+    (tmp_path / "mnist-smoke.json").write_text(json.dumps({"db3kd-bd": entry}))
+    assert lb.params_label(record) == "tuned on val (10 trials)"  # it chose others: the run's label stands
+    record["config"]["extra"] = {}
+    assert lb.params_label(record) == "paper settings (profile defaults)"
