@@ -381,7 +381,7 @@ class _State:
             record = read_record(path)
         except (OSError, ValueError):
             return None
-        if record.get("config_hash") != cfg.config_hash() or record.get("code_version") != code_version():
+        if record.get("config_hash") != cfg.config_hash() or record.get("code_version") != code_version(cfg.method):
             return None
         if record.get("teacher_checkpoint") != self.teacher_checkpoint(cfg, splits):
             return None

@@ -27,33 +27,109 @@ PRESENTATION_MODULES = frozenset({
 })
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """What code produced a record: ``<db3kd package version>+<12 hex digits>``, the digits a
-    SHA-256 over the relative path and bytes of every ``.py`` file of the ``db3kd`` and
-    ``baselines`` packages (so an uncommitted edit counts too) except :data:`PRESENTATION_MODULES`,
-    which only read records (tables, plots, statistics, the command line, MLflow logging, tuning
-    studies, cross-checks): editing those does not invalidate a finished case. Stored in every
-    record as ``code_version``; a harness case or a ``--run-dir`` run is reused only under the same one."""
-    import hashlib
-    from importlib import metadata
+#: packages whose modules define registered methods: the shared core of every run is what
+#: :mod:`db3kd.runner` imports without entering them (a method's own modules count for it alone)
+METHOD_PACKAGES = ("baselines", "db3kd.methods")
 
+
+def _source_modules() -> dict[str, tuple[str, Path]]:
+    """Every module of the ``db3kd`` and ``baselines`` packages: dotted name -> (``db3kd/search/walk.py``
+    as :data:`PRESENTATION_MODULES` spells it, source file)."""
     import baselines
     import db3kd
+
+    modules = {}
+    for package in (db3kd, baselines):
+        root = Path(package.__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            parts = (package.__name__, *rel.with_suffix("").parts)
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = (f"{package.__name__}/{rel.as_posix()}", path)
+    return modules
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(name: str, path: Path, known: frozenset) -> frozenset:
+    """The package modules that ``name`` imports anywhere in its source (lazy imports in functions
+    included), or names as a string constant (``"db3kd.oracle"``, a ``"module:attr"`` loader)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split(".")[0] in (
+                "db3kd", "baselines"):
+            found.add(node.value.partition(":")[0])
+    deps = set()
+    for target in found:
+        while target and target not in known:  # ``from a.b import name`` names a module or an attribute
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            deps.add(target)
+    return frozenset(deps)
+
+
+def _closure(starts, modules: dict[str, tuple[str, Path]], *, enter_methods: bool) -> set[str]:
+    known = frozenset(modules)
+    seen: set[str] = set()
+    stack = list(starts)
+    while stack:
+        name = stack.pop()
+        key, path = modules[name]
+        if name in seen or key in PRESENTATION_MODULES:
+            continue
+        if not enter_methods and any(name == p or name.startswith(p + ".") for p in METHOD_PACKAGES):
+            continue
+        seen.add(name)
+        if name not in METHOD_PACKAGES:  # a method package's __init__ imports every method of the
+            # package to register it: not a dependency of any one of them
+            stack.extend(_imports(name, path, known))
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(method: str | None = None) -> str:
+    """What code produced a record of ``method``: ``<db3kd package version>+<12 hex digits>``, the
+    digits a SHA-256 over the relative path and bytes of each ``.py`` file the run can execute (so an
+    uncommitted edit counts too): the shared core (every module :mod:`db3kd.runner` imports,
+    transitively, outside the method packages :data:`METHOD_PACKAGES`) plus the method's own module
+    and what it imports, transitively (imports found anywhere in a file, lazy ones included, and
+    module names given as strings). :data:`PRESENTATION_MODULES`, which only read records (tables,
+    plots, statistics, the command line, MLflow logging, tuning studies, cross-checks), never count.
+    So an edit to ZSKT reruns only ZSKT's cases, an edit to the query engine only the methods that
+    use it, an edit to the runner, data, teacher or training code every case. ``method=None``:
+    every module. Stored in every record as ``code_version``; a harness case or a ``--run-dir`` run is
+    reused only under the same one. Raises ConfigError for an unregistered method."""
+    import hashlib
+    from importlib import metadata
 
     try:
         version = metadata.version("db3kd")
     except metadata.PackageNotFoundError:  # pragma: no cover - source checkout without metadata
         version = "0+unknown"
+    modules = _source_modules()
+    if method is None:
+        names = _closure(modules, modules, enter_methods=True)
+    else:
+        from db3kd.registry import get_method
+
+        names = _closure(["db3kd.runner"], modules, enter_methods=False)
+        names |= _closure([get_method(method).__module__], modules, enter_methods=True)
     h = hashlib.sha256()
-    for package in (db3kd, baselines):
-        root = Path(package.__file__).resolve().parent
-        for path in sorted(root.rglob("*.py")):
-            if f"{package.__name__}/{path.relative_to(root).as_posix()}" in PRESENTATION_MODULES:
-                continue
-            h.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
-            h.update(path.read_bytes())
-            h.update(b"\0")
+    for key, path in sorted(modules[n] for n in names):
+        h.update(f"{key}\0".encode())
+        h.update(path.read_bytes())
+        h.update(b"\0")
     return f"{version}+{h.hexdigest()[:12]}"
 
 
@@ -176,7 +252,7 @@ def run(
         conflict = user_teacher_conflict(method_cls, params)
         if conflict:
             raise ConfigError(f"method {config.method!r} cannot use teacher file {config.teacher_file}: {conflict}")
-    manifest = {"code_version": code_version(),
+    manifest = {"code_version": code_version(config.method),
                 "teacher_sha256": file_sha256(config.teacher_file) if config.teacher_file and Path(config.teacher_file).is_file() else None}
     if run_dir is not None:
         workdir = Path(run_dir) / config.config_hash()

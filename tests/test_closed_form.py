@@ -77,21 +77,42 @@ def test_exact_distances_are_what_the_teachers_say():
 
 
 def test_code_version_ignores_presentation_modules_only(tmp_path, monkeypatch):
-    """A finished case is reused after an edit to a table or plot module, never after one to the engine."""
+    """A finished case is reused after an edit to a table or plot module, never after one to code
+    it runs: an engine edit reruns the methods that use the engine, a ZSKT edit only ZSKT, a runner
+    edit everything."""
     import shutil
     from pathlib import Path
 
+    import baselines
     import db3kd
     from db3kd import runner
 
     root = Path(db3kd.__file__).resolve().parent
     assert all((root.parent / m).is_file() for m in runner.PRESENTATION_MODULES)
-    copy = tmp_path / "db3kd"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(db3kd, "__file__", str(copy / "__init__.py"))
-    version = runner.code_version.__wrapped__  # uncached
-    before = version()
-    (copy / "plots.py").write_text((copy / "plots.py").read_text() + "\n# an edit to a plot\n")
-    assert version() == before
-    (copy / "search" / "walk.py").write_text((copy / "search" / "walk.py").read_text() + "\n# an engine edit\n")
-    assert version() != before
+    for package in (db3kd, baselines):
+        copy = tmp_path / package.__name__
+        shutil.copytree(Path(package.__file__).resolve().parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        monkeypatch.setattr(package, "__file__", str(copy / "__init__.py"))
+
+    def versions():
+        runner._imports.cache_clear()
+        return {m: runner.code_version.__wrapped__(m) for m in (None, "student-ce", "zskt", "db3kd-mbd", "zsdb3kd")}
+
+    def edit(rel):
+        path = tmp_path / rel
+        path.write_text(path.read_text() + "\n# an edit\n")
+
+    before = versions()
+    assert len(set(before.values())) == len(before)
+    edit("db3kd/plots.py")
+    assert versions() == before
+    edit("db3kd/search/walk.py")  # the query engine
+    after = versions()
+    assert [m for m in before if after[m] != before[m]] == [None, "db3kd-mbd", "zsdb3kd"]
+    edit("baselines/zskt.py")
+    again = versions()
+    assert [m for m in after if again[m] != after[m]] == [None, "zskt"]
+    edit("db3kd/training.py")  # the shared core
+    last = versions()
+    assert all(last[m] != again[m] for m in last)
+
