@@ -231,6 +231,11 @@ def profile_values(profile: str, dataset: str) -> dict[str, Any]:
     return merged
 
 
+#: keys of ``RunConfig.extra`` that label provenance (``params``: "tuned on val (N trials)") and
+#: are kept in the record but left out of the config hash
+PROVENANCE_KEYS = ("params",)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The fully resolved configuration of one run. Everything that changes a result is in here.
@@ -266,8 +271,12 @@ class RunConfig:
         return d
 
     def config_hash(self) -> str:
-        """12 hex digits of sha256 over the canonical JSON of :meth:`to_dict`."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """12 hex digits of sha256 over the canonical JSON of :meth:`to_dict`, less the provenance
+        labels of ``extra`` (:data:`PROVENANCE_KEYS`): they say where values came from, not what
+        is computed, so a tuning study resumed without changing its choice reuses finished runs."""
+        d = self.to_dict()
+        d["extra"] = {k: v for k, v in d["extra"].items() if k not in PROVENANCE_KEYS}
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def with_seed(self, seed: int) -> "RunConfig":

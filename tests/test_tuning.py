@@ -56,6 +56,10 @@ def test_resolve_applies_tuned_values_unless_paper(tmp_path, monkeypatch):
     assert tuned.method_params["tau"] == 4.0 and tuned.method_params["tau_squared"] is True
     assert tuned.student.lr == 1e-3 and tuned.student.epochs == 12
     assert tuned.extra == {"params": "tuned on val (40 trials)"} and tuned.config_hash() != base.config_hash()
+    (tmp_path / "mnist-cpu.json").write_text(json.dumps({"standard-kd": {
+        "params": {"tau": 4.0, "tau_squared": True}, "student": {"lr": 1e-3, "epochs": 12}, "trials": 41}}))
+    resumed = resolve("mnist", "standard-kd", "cpu")  # one more trial, same choice: same computation
+    assert resumed.extra == {"params": "tuned on val (41 trials)"} and resumed.config_hash() == tuned.config_hash()
     assert resolve("mnist", "standard-kd", "cpu", params="paper") == base
     assert resolve("mnist", "standard-kd", "cpu", method_overrides={"tau": 2.0}).method_params["tau"] == 2.0
     assert resolve("mnist", "student-ce", "cpu").extra == {}  # no entry for this method
