@@ -89,6 +89,15 @@ class ZSKTParams(MethodParams):
     mte_steps: int = Field(default=100, ge=1)
     mte_xi: float = Field(default=1.0, gt=0)
 
+    #: tuned on validation (db3kd.tuning): the two learning rates, the attention weight and the
+    #: student steps per iteration (at most the default 10, so a trial costs no more than the
+    #: defaults); ``iterations`` stays at the profile's value, the compute cap. The student recipe
+    #: (student.lr, student.epochs) is not searched: this loop never reads it.
+    search_space: ClassVar[dict] = {"lr_student": ("float", 2e-4, 2e-2, "log"),
+                                    "lr_generator": ("float", 1e-4, 1e-2, "log"),
+                                    "beta": ("float", 0.0, 500.0), "student_steps": ("int", 1, 10)}
+    tune_student_recipe: ClassVar[bool] = False
+
     profile_overrides: ClassVar[dict] = {
         "cpu": {"iterations": 400, "batch_size": 64, "gen_channels": 64, "log_every": 50, "mte_images": 50,
                 "mte_steps": 30},

@@ -55,6 +55,7 @@ __all__ = [
     "load_tuned",
     "to_distribution",
     "search_space",
+    "study_name",
     "validation_view",
     "tune",
 ]
@@ -130,6 +131,8 @@ def search_space(method: str, profile: str, dataset: str) -> dict[str, Any]:
 
     The method's ``Params.search_space`` plus :data:`STUDENT_SPACE`; a Params field named like a
     student knob (``lr``, ``epochs``) replaces it, with the method's profile value as the epoch cap.
+    A Params class with ``tune_student_recipe = False`` (ZSKT, whose own loop trains the student
+    with ``lr_student`` for ``iterations``: the student recipe never reaches it) gets its own space only.
     """
     from db3kd.config import resolve
     from db3kd.registry import get_method
@@ -138,7 +141,7 @@ def search_space(method: str, profile: str, dataset: str) -> dict[str, Any]:
     base = resolve(dataset, method, profile, params="paper")
     own = dict(getattr(cls.Params, "search_space", {}) or {})
     space: dict[str, Any] = {}
-    for name, spec in STUDENT_SPACE.items():
+    for name, spec in (STUDENT_SPACE if getattr(cls.Params, "tune_student_recipe", True) else {}).items():
         if name in cls.Params.model_fields:  # the method's own recipe knob
             value = base.method_params.get(name)
             cap = int(value) if isinstance(value, int) and not isinstance(value, bool) else getattr(base.student, name)
@@ -153,6 +156,25 @@ def search_space(method: str, profile: str, dataset: str) -> dict[str, Any]:
             raise ConfigError(f"{cls.__name__}.search_space names {name!r}, which is not one of its parameters")
         space[name] = to_distribution(spec)
     return space
+
+
+def study_name(dataset: str, profile: str, method: str, seed: int, space: dict[str, Any], storage: str) -> str:
+    """``<dataset>-<profile>-<method>-seed<seed>``, or with ``-space<8 hex digits>`` of ``space``
+    appended when the study of the plain name (in ``storage``) sampled another search space: a
+    changed space starts a new study instead of mixing its trials with the old one's."""
+    import hashlib
+
+    import optuna
+
+    name = f"{dataset}-{profile}-{method}-seed{seed}"
+    try:
+        old = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return name
+    if all(t.distributions == space for t in old.trials if t.distributions):
+        return name
+    digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in space.items())).encode()).hexdigest()[:8]
+    return f"{name}-space{digest}"
 
 
 def validation_view(splits):
@@ -272,7 +294,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-    study = optuna.create_study(study_name=f"{dataset}-{profile}-{method}-seed{seed}", storage=storage,
+    study = optuna.create_study(study_name=study_name(dataset, profile, method, seed, space, storage), storage=storage,
                                 sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True)
     from db3kd.tracking import Tracker
 

@@ -129,3 +129,19 @@ def test_defaults_of_a_methods_own_lr_and_epochs_fall_back_to_the_student_recipe
     assert base.method_params["lr"] is None and base.method_params["epochs"] == 2 and set(space) == {"lr", "epochs"}
     values, outside = tuning.default_values(space, base)
     assert values == {"lr": base.student.lr, "epochs": 2} and outside == []  # None -> the student's lr
+
+
+def test_zskt_searches_its_own_loop_and_a_changed_space_starts_a_new_study(tmp_path):
+    import optuna
+
+    space = tuning.search_space("zskt", "cpu", "mnist")
+    assert sorted(space) == ["beta", "lr_generator", "lr_student", "student_steps"]  # no inert student.lr
+    assert "student.lr" in tuning.search_space("student-ce", "cpu", "mnist")
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    assert tuning.study_name("mnist", "cpu", "zskt", 0, space, storage) == "mnist-cpu-zskt-seed0"  # none yet
+    old = {"student.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    study = optuna.create_study(study_name="mnist-cpu-zskt-seed0", storage=storage)
+    study.optimize(lambda t: t.suggest_float("student.lr", 1e-4, 1e-2, log=True), n_trials=1)
+    assert tuning.study_name("mnist", "cpu", "zskt", 0, old, storage) == "mnist-cpu-zskt-seed0"  # same space
+    renamed = tuning.study_name("mnist", "cpu", "zskt", 0, space, storage)
+    assert renamed.startswith("mnist-cpu-zskt-seed0-space") and len(renamed) == len("mnist-cpu-zskt-seed0-space") + 8
