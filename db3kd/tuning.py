@@ -16,7 +16,9 @@ default, 10) are seeded random draws, so a study of 10 trials is seeded random s
 methods with the same search space are offered the same candidates. Pruner: Optuna's MedianPruner on the
 validation accuracy the training loop reports after every epoch of the final student (the
 ``student/val_accuracy`` metric of :func:`db3kd.training.fit`); methods whose final stage reports
-nothing per epoch are simply not pruned.
+nothing per epoch are simply not pruned, nor is the defaults trial (a slow starter such as ZSDB3KD's
+defaults were pruned at 16% validation accuracy early on, yet reach 69.9% test accuracy at 100
+pseudo samples per class when trained to the end in the Fig. 6 run).
 
 The objective is validation accuracy. The test split is not read during tuning: every trial runs
 on :func:`validation_view` of the data, whose "test" split *is* the validation split (the teacher,
@@ -261,8 +263,9 @@ def tune(
     seed ``seed``, and reports the final student's per-epoch validation accuracy to the pruner.
     ``trials`` counts the sampler's trials; with ``defaults_trial`` (the default) the study also
     scores the profile's defaults (:func:`default_values`) once, as an enqueued trial with user
-    attribute ``defaults``, so the chosen values are never worse on validation than the defaults
-    (a trial the pruner stops is not a candidate, defaults included). The entry's ``trials`` counts
+    attribute ``defaults`` that the pruner never stops, so the chosen values are never worse on
+    validation than the defaults (a sampled trial the pruner stops is not a candidate; a defaults
+    trial pruned by an older version is scored again). The entry's ``trials`` counts
     every finished trial, the defaults' included; ``defaults_trial`` gives its number, state and score.
     Writes the best values into ``<out_dir>/<dataset>-<profile>.json`` (other methods' entries are
     kept) and returns this method's entry. Raises ConfigError for a bad method, profile or space,
@@ -316,7 +319,7 @@ def tune(
             value = metrics.get("student/val_accuracy")
             if value is not None and step is not None and math.isfinite(value):
                 trial.report(float(value), int(step))
-                if trial.should_prune():
+                if not trial.user_attrs.get("defaults") and trial.should_prune():  # the defaults run to the end
                     raise optuna.TrialPruned(f"val accuracy {value:.4f} after epoch {step} below the median")
 
         with tempfile.TemporaryDirectory(prefix="db3kd-tune-") as tmp:
@@ -344,8 +347,9 @@ def tune(
 
     sampled = [t for t in done() if not is_defaults(t)]
     missing = trials - len(sampled)
-    if defaults_trial and not any(is_defaults(t) for t in done()):
-        # a defaults trial left RUNNING by a killed process never finishes: enqueue it again, unless
+    if defaults_trial and not any(is_defaults(t) and t.state == optuna.trial.TrialState.COMPLETE for t in done()):
+        # a defaults trial left RUNNING by a killed process never finishes, and one pruned before
+        # the defaults were exempt from pruning was never scored: enqueue it again, unless
         # one is already waiting (not Optuna's skip_if_exists, which also counts the stale one)
         waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING and t.user_attrs.get("defaults")]
         if not waiting:
@@ -367,7 +371,9 @@ def tune(
         "search_space": {k: repr(v) for k, v in space.items()}, "study": study.study_name,
         "defaults_trial": next(({"number": t.number, "state": t.state.name, "val_accuracy": t.value,
                                  "outside_space": t.user_attrs.get("defaults_outside_space", [])}
-                                for t in done() if is_defaults(t)), None),
+                                for t in sorted(done(), key=lambda t: (t.state == optuna.trial.TrialState.COMPLETE,
+                                                                       t.number), reverse=True)
+                                if is_defaults(t)), None),
         "command": command or command_line(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -123,6 +123,26 @@ def test_a_defaults_trial_left_running_by_a_killed_process_is_scored_again(tmp_p
     assert entry["trials"] == 2  # the defaults and one sampled trial; the stale one is not counted
 
 
+@pytest.mark.slow
+def test_a_pruned_defaults_trial_is_scored_again_and_never_pruned(tmp_path, monkeypatch):
+    import optuna
+
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path / "cache"))
+    storage = f"sqlite:///{tmp_path}/s.db"
+    space = tuning.search_space("student-ce", "smoke", "digits")
+    defaults, outside = tuning.default_values(space, resolve("digits", "student-ce", "smoke", 0, params="paper"))
+    study = optuna.create_study(study_name="digits-smoke-student-ce-seed0", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(  # as the pruner of an older version left it
+        state=optuna.trial.TrialState.PRUNED, params=defaults, distributions=space, intermediate_values={1: 0.1},
+        user_attrs={"defaults": True, "defaults_outside_space": outside}))
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # a pruner that stops everything
+    entry = tuning.tune("digits", "student-ce", 1, profile="smoke", tracking=False, out_dir=tmp_path / "tuned",
+                        storage=storage)
+    assert entry["defaults_trial"]["state"] == "COMPLETE" and entry["defaults_trial"]["number"] == 1
+    assert entry["trials"] == 3  # the pruned defaults, the scored defaults and one sampled trial
+    assert entry["pruned_trials"] == 2 and entry["best_trial"] == 1  # the sampled one was stopped, the defaults not
+
+
 def test_defaults_of_a_methods_own_lr_and_epochs_fall_back_to_the_student_recipe():
     base = resolve("digits", "noise-input", "smoke", 0, params="paper")
     space = tuning.search_space("noise-input", "smoke", "digits")
