@@ -150,6 +150,10 @@ def _add_tune(sub) -> argparse.ArgumentParser:
     tune.add_argument("--tracking-uri", default=None, metavar="URI",
                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     tune.add_argument("--no-tracking", action="store_true", help="do not log the trials to MLflow")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="a setting held fixed in every trial, as in db3kd run (e.g. --set per_class=1000); the "
+                           "study is stored as METHOD@KEY=VALUE,... and no run applies it by default: pass its values "
+                           "to db3kd run with --set")
     tune.add_argument("--no-defaults-trial", action="store_true",
                       help="do not score the profile's defaults as an extra trial (then the chosen values "
                            "can be worse on validation than the defaults)")
@@ -159,10 +163,11 @@ def _add_tune(sub) -> argparse.ArgumentParser:
 def _cmd_tune(args) -> int:
     import torch
 
+    from db3kd.config import parse_set
     from db3kd.tuning import tune
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    entry = tune(args.dataset, args.method, args.trials, profile=args.profile, seed=args.seed,
+    entry = tune(args.dataset, args.method, args.trials, profile=args.profile, seed=args.seed, settings=parse_set(args.overrides),
                  sampler_seed=args.sampler_seed, storage=args.storage, data_root=args.data_root, device=device,
                  tracking_uri=args.tracking_uri, tracking=not args.no_tracking, out_dir=args.out,
                  progress=sys.stderr.isatty(), defaults_trial=not args.no_defaults_trial)

@@ -58,6 +58,7 @@ __all__ = [
     "to_distribution",
     "search_space",
     "study_name",
+    "entry_key",
     "validation_view",
     "tune",
 ]
@@ -160,6 +161,13 @@ def search_space(method: str, profile: str, dataset: str) -> dict[str, Any]:
     return space
 
 
+def entry_key(method: str, settings: dict[str, Any] | None = None) -> str:
+    """``method``, or ``method@k1=v1,k2=v2`` (sorted) for a study run under fixed ``settings``."""
+    if not settings:
+        return method
+    return method + "@" + ",".join(f"{k}={settings[k]}" for k in sorted(settings))
+
+
 def study_name(dataset: str, profile: str, method: str, seed: int, space: dict[str, Any], storage: str) -> str:
     """``<dataset>-<profile>-<method>-seed<seed>``, or with ``-space<8 hex digits>`` of ``space``
     appended when the study of the plain name (in ``storage``) sampled another search space: a
@@ -253,6 +261,7 @@ def tune(
     command: str | None = None,
     progress: bool = False,
     splits=None,
+    settings: dict[str, Any] | None = None,
     on_trial: Callable[[dict], None] | None = None,
     defaults_trial: bool = True,
 ) -> dict:
@@ -268,7 +277,10 @@ def tune(
     trial pruned by an older version is scored again). The entry's ``trials`` counts
     every finished trial, the defaults' included; ``defaults_trial`` gives its number, state and score.
     Writes the best values into ``<out_dir>/<dataset>-<profile>.json`` (other methods' entries are
-    kept) and returns this method's entry. Raises ConfigError for a bad method, profile or space,
+    kept) and returns this method's entry. ``settings`` (``db3kd run --set`` keys, e.g.
+    ``{"per_class": 1000}``) are held fixed in every trial; such a study is its own entry,
+    ``METHOD@key=value,...`` (:func:`entry_key`), which no run applies by default: pass its values
+    with ``--set`` (and ``--set extra.params=...`` to label them). Raises ConfigError for a bad method, profile or space,
     DB3KDError when no trial finished.
     """
     import tempfile
@@ -284,7 +296,9 @@ def tune(
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"invalid trials={trials!r}: must be an integer >= 1")
     space = search_space(method, profile, dataset)
-    base = resolve(dataset, method, profile, seed, params="paper")
+    settings = dict(settings or {})
+    base = resolve(dataset, method, profile, seed, params="paper", overrides=settings)
+    key = entry_key(method, settings)
     if splits is None:
         splits = load_dataset(dataset, data_root, val_fraction=base.val_fraction, image_size=base.image_size)
     if not base.teacher_file:  # train (or load) the shared teacher on the real splits first
@@ -297,7 +311,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-    study = optuna.create_study(study_name=study_name(dataset, profile, method, seed, space, storage), storage=storage,
+    study = optuna.create_study(study_name=study_name(dataset, profile, key, seed, space, storage), storage=storage,
                                 sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True)
     from db3kd.tracking import Tracker
 
@@ -309,7 +323,7 @@ def tune(
     def objective(trial: "optuna.Trial") -> float:
         values = {name: _suggest(trial, name, dist) for name, dist in space.items()}
         method_values, student_values = _split(values)
-        config = resolve(dataset, method, profile, seed, params="paper", method_overrides=method_values,
+        config = resolve(dataset, method, profile, seed, params="paper", overrides=settings, method_overrides=method_values,
                          student_overrides=student_values)
         case = tracker.start_case(config, name=f"tune-{dataset}-{method}-t{trial.number}",
                                   tags={"study": study.study_name, "trial": trial.number, "role": "tuning"})
@@ -366,6 +380,7 @@ def tune(
     entry = {
         "params": method_values, "student": student_values, "trials": len(done()), "complete_trials": len(complete),
         "pruned_trials": len(done()) - len(complete), "best_val_accuracy": best.value, "best_trial": best.number,
+        **({"settings": settings} if settings else {}),
         "seed": seed, "sampler": f"TPESampler(seed={sampler_seed})",
         "pruner": "MedianPruner(n_startup_trials=5, n_warmup_steps=1) on the final student's per-epoch val accuracy",
         "search_space": {k: repr(v) for k, v in space.items()}, "study": study.study_name,
@@ -380,7 +395,7 @@ def tune(
     path = tuned_path(dataset, profile, out_dir)
     with _tuned_file_lock(path):  # two studies of one dataset may finish at once: neither entry is lost
         table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        table[method] = entry
+        table[key] = entry
         write_json_atomic(dict(sorted(table.items())), path)
     entry["path"] = str(path)
     return entry

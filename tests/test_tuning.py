@@ -165,3 +165,19 @@ def test_zskt_searches_its_own_loop_and_a_changed_space_starts_a_new_study(tmp_p
     assert tuning.study_name("mnist", "cpu", "zskt", 0, old, storage) == "mnist-cpu-zskt-seed0"  # same space
     renamed = tuning.study_name("mnist", "cpu", "zskt", 0, space, storage)
     assert renamed.startswith("mnist-cpu-zskt-seed0-space") and len(renamed) == len("mnist-cpu-zskt-seed0-space") + 8
+
+
+@pytest.mark.slow
+def test_a_study_under_fixed_settings_is_its_own_entry_that_no_run_applies(tmp_path, monkeypatch):
+    monkeypatch.setenv("DB3KD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DB3KD_TUNED_DIR", str(tmp_path / "tuned"))
+    seen = []
+    entry = tuning.tune("digits", "student-ce", 1, profile="smoke", tracking=False, storage=f"sqlite:///{tmp_path}/s.db",
+                        settings={"student.batch_size": 64}, on_trial=seen.append, defaults_trial=False)
+    assert tuning.entry_key("student-ce", {"student.batch_size": 64}) == "student-ce@student.batch_size=64"
+    table = json.loads((tmp_path / "tuned" / "digits-smoke.json").read_text())
+    assert list(table) == ["student-ce@student.batch_size=64"] and entry["settings"] == {"student.batch_size": 64}
+    assert entry["study"].startswith("digits-smoke-student-ce@student.batch_size=64-seed0")
+    assert resolve("digits", "student-ce", "smoke").extra == {}  # a plain run does not pick it up
+    with pytest.raises(ConfigError):
+        tuning.tune("digits", "student-ce", 1, profile="smoke", tracking=False, settings={"no_such_knob": 1})
