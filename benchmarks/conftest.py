@@ -395,7 +395,7 @@ class _State:
             return self.teacher_sha256[:16]
         from db3kd.teacher import get_teacher
 
-        return get_teacher(splits, cfg.teacher, seed=cfg.seed, device=self.device).checkpoint
+        return get_teacher(splits, cfg.teacher, seed=cfg.teacher_seed, device=self.device).checkpoint
 
     @property
     def tracker(self):

@@ -83,3 +83,17 @@ def test_killed_session_resumes_with_the_same_records(tmp_path):
     assert forced.returncode == 0 and "reused" not in forced.stdout, forced.stdout[-3000:]
     assert _records(results)["db3kd-sd-s0"]["created"] != got["db3kd-sd-s0"]["created"] or \
         _records(results)["db3kd-sd-s0"]["session_id"] != got["db3kd-sd-s0"]["session_id"]
+
+
+def test_finished_cases_of_every_seed_are_reused(tmp_path):
+    """Seeds share one teacher (``teacher_seed``): the reuse check must look up that teacher, not
+    one trained with the run seed (which made every seed but 0 rerun)."""
+    env = {**os.environ, "DB3KD_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "pytest", "benchmarks", "-m", "digits", "--profile", "smoke", "--seeds", "2",
+           "-k", "digits-student-ce-s", "--no-tracking", "--results-dir", str(tmp_path / "results"),
+           "--run-dir", str(tmp_path / "runs"), "-p", "no:cacheprovider", "-p", "no:randomly"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0 and "2 passed" in first.stdout, first.stdout[-3000:] + first.stderr[-2000:]
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "2 reused" in again.stdout and "digits-student-ce-s1" in again.stdout, again.stdout[-3000:]
