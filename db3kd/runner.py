@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -85,6 +86,8 @@ def _closure(starts, modules: dict[str, tuple[str, Path]], *, enter_methods: boo
     stack = list(starts)
     while stack:
         name = stack.pop()
+        if name not in modules:  # a plugin module without a source file: nothing to hash
+            continue
         key, path = modules[name]
         if name in seen or key in PRESENTATION_MODULES:
             continue
@@ -107,7 +110,8 @@ def code_version(method: str | None = None) -> str:
     module names given as strings). :data:`PRESENTATION_MODULES`, which only read records (tables,
     plots, statistics, the command line, MLflow logging, tuning studies, cross-checks), never count.
     So an edit to ZSKT reruns only ZSKT's cases, an edit to the query engine only the methods that
-    use it, an edit to the runner, data, teacher or training code every case. ``method=None``:
+    use it, an edit to the runner, data, teacher or training code every case; a plugin's method
+    (registered from a module outside the packages) counts that module's file too. ``method=None``:
     every module. Stored in every record as ``code_version``; a harness case or a ``--run-dir`` run is
     reused only under the same one. Raises ConfigError for an unregistered method."""
     import hashlib
@@ -124,7 +128,12 @@ def code_version(method: str | None = None) -> str:
         from db3kd.registry import get_method
 
         names = _closure(["db3kd.runner"], modules, enter_methods=False)
-        names |= _closure([get_method(method).__module__], modules, enter_methods=True)
+        own = get_method(method).__module__
+        if own not in modules:  # a plugin's method outside db3kd/baselines: its own file counts too
+            source = getattr(sys.modules.get(own), "__file__", None)
+            if source and Path(source).is_file():
+                modules = {**modules, own: (f"<plugin>/{own}.py", Path(source))}
+        names |= _closure([own], modules, enter_methods=True)
     h = hashlib.sha256()
     for key, path in sorted(modules[n] for n in names):
         h.update(f"{key}\0".encode())
