@@ -635,19 +635,25 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def results_lock(results_dir: str | os.PathLike):
-    """An inter-process lock for regenerating the tables of ``results_dir`` (pytest-xdist, parallel sessions)."""
+def path_lock(kind: str, path: str | os.PathLike):
+    """An inter-process lock (a ``filelock.FileLock`` in ``<cache>/locks``) named by ``kind`` and
+    ``path``'s resolved location, for the read-modify-write of files that parallel processes share."""
     import hashlib
 
     from filelock import FileLock
 
     from db3kd.teacher import cache_root
 
-    key = hashlib.sha256(str(Path(results_dir).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
     lock_dir = cache_root() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"results-{key}.lock"), timeout=600):
+    return FileLock(str(lock_dir / f"{kind}-{key}.lock"), timeout=600)
+
+
+@contextmanager
+def results_lock(results_dir: str | os.PathLike):
+    """An inter-process lock for regenerating the tables of ``results_dir`` (pytest-xdist, parallel sessions)."""
+    with path_lock("results", results_dir):
         yield
 
 

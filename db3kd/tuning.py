@@ -77,20 +77,6 @@ def tuned_path(dataset: str, profile: str, directory: str | os.PathLike | None =
     return Path(directory or tuned_dir()) / f"{dataset}-{profile}.json"
 
 
-def _tuned_file_lock(path: Path):
-    """An inter-process lock for the read-modify-write of one tuned-values file."""
-    import hashlib
-
-    from filelock import FileLock
-
-    from db3kd.teacher import cache_root
-
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    lock_dir = cache_root() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(lock_dir / f"tuned-{key}.lock"), timeout=600)
-
-
 def load_tuned(dataset: str, profile: str, method: str, directory: str | os.PathLike | None = None) -> dict | None:
     """The tuned entry of ``method`` for (dataset, profile), or None when there is none.
 
@@ -393,7 +379,9 @@ def tune(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     path = tuned_path(dataset, profile, out_dir)
-    with _tuned_file_lock(path):  # two studies of one dataset may finish at once: neither entry is lost
+    from db3kd.leaderboard import path_lock
+
+    with path_lock("tuned", path):  # two studies of one dataset may finish at once: neither entry is lost
         table = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         table[key] = entry
         write_json_atomic(dict(sorted(table.items())), path)
