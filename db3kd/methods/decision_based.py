@@ -34,7 +34,9 @@ class DB3KDParams(MethodParams):
     """Shared DB3KD hyperparameters (paper Sec. 4.1). tau: Eq. 1 / Eq. 7 temperature (paper 0.3);
     w_ce, w_kd: Eq. 1 weights (lambda = w_kd = 1); soft_labels: ``paper`` (Eq. 6-7) or
     ``released`` (authors' code: Eq. 6 only, T = 20); refs_per_class: S (paper 100);
-    tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk;
+    tol: bisection stop in L2 units (paper 1e-5); chunk_size: samples per lockstep chunk and per
+    checkpoint file (BD 256, MBD 128: enough pairs per round to fill the teacher's batches; the labels
+    do not depend on it);
     tau_squared: multiply the KL term by tau^2 (Hinton's correction; Eq. 1 as printed has none);
     label_seed: seed of the references and MBD's probes (0; None = the run seed): with a fixed
     seed the labels are computed once per dataset and only the student varies with the run seed;
@@ -48,14 +50,15 @@ class DB3KDParams(MethodParams):
     soft_labels: Literal["paper", "released"] = "paper"
     refs_per_class: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-5, gt=0)
-    chunk_size: int = Field(default=64, ge=1)
+    chunk_size: int = Field(default=256, ge=1)
     label_seed: int | None = Field(default=0, ge=0)
     label_cache: bool = True
 
     profile_overrides: ClassVar[dict] = {
         "paper/flowers102": {"refs_per_class": 20},
         "cpu": {"refs_per_class": 20, "tol": 1e-4},
-        "smoke": {"refs_per_class": 4, "tol": 1e-3},
+        # smoke's 200 samples would be one chunk at 256: four keep resume and distribution over workers exercised
+        "smoke": {"refs_per_class": 4, "tol": 1e-3, "chunk_size": 64},
         # the AlexNet teacher answers ~500 images/s on 2 CPU cores: fewer references keep the smoke run short
         "smoke/cifar10": {"refs_per_class": 2},
     }
@@ -276,14 +279,14 @@ here -- ``--set delta=0.001`` runs the authors' radius), milestones (query count
     milestones: tuple[int, ...] = (1000, 2000, 5000, 10000, 20000)
     milestone_students: bool = True
     estimator: Literal["geo", "tangent", "sign-opt", "hsja", "paper"] = "geo"
-    chunk_size: int = Field(default=32, ge=1)
+    chunk_size: int = Field(default=128, ge=1)
 
     profile_overrides: ClassVar[dict] = {
         "paper/flowers102": {"refs_per_class": 20},
         "cpu": {"refs_per_class": 10, "tol": 1e-4, "budget": 400, "num_directions": 30,
                 "milestones": (150, 250, 400)},
         "smoke": {"refs_per_class": 4, "tol": 1e-3, "budget": 120, "num_directions": 20,
-                  "milestones": (60, 120), "milestone_students": False},
+                  "milestones": (60, 120), "milestone_students": False, "chunk_size": 32},
         "smoke/cifar10": {"refs_per_class": 2, "budget": 60, "num_directions": 8, "milestones": (30, 60)},
     }
 

@@ -173,7 +173,7 @@ class ZSDB3KD(_DB3KD):
             before = ctx.teacher.queries
             res = ctx.executor.search(
                 minimal_boundary_search, ctx.teacher, sx, sy, sx[ref_idx], sy[ref_idx], ctx.num_classes,
-                num_chunks=len(plan_chunks(sx.shape[0], 32)), chunk_size=32, budget=p.label_budget,
+                num_chunks=len(plan_chunks(sx.shape[0], 128)), chunk_size=128, budget=p.label_budget,
                 num_directions=p.label_directions, tol=p.tol, seed=ctx.seed, milestones=(p.label_budget,),
                 progress=ctx.progress, checkpoint_dir=ctx.checkpoint_dir(f"curve_iteration{it}"))
             out["iteration_queries"][str(it)] = int(ctx.teacher.queries - before)

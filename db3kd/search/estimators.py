@@ -120,44 +120,46 @@ def geo_step(oracle, xb, r, theta, criterion: Criterion, signs, block, delta: fl
     (the walk moves to ``theta + rho lam* g``, rho its trust factor)."""
     k, d = block.shape
     a = xb.shape[0]
-    out = torch.empty_like(xb)
+    g = torch.empty_like(xb)
     step = max(1, probe_slice(xb.device) // k)
-    for s in range(0, a, step):
+    for s in range(0, a, step):  # 1. coordinate signs, in slices of at most probe_slice probes
         e = min(s + step, a)
-        th, sg, rr = theta[s:e], signs[s:e], r[s:e]
-        # v[a, k] = P_theta (signs[a] * block[k]), unit:  P u = u - (u . theta) theta
-        c = (th * sg) @ block.T  # (a, K): (signs * block[k]) . theta
-        v = torch.mul(sg.unsqueeze(1), block).sub_(c.unsqueeze(2) * th.unsqueeze(1))
-        v.div_(v.norm(dim=2, keepdim=True).clamp_min(1e-12))
-        xs = xb[s:e]
-        probes = torch.addcmul(xs.unsqueeze(1), v, (delta * rr).view(-1, 1, 1)).clamp_(0.0, 1.0)
+        th, sg, rr, xs = theta[s:e], signs[s:e], r[s:e], xb[s:e]
+        # v[a, k] = P_theta u / |P_theta u| with u = signs[a] * block[k] (unit) and P u = u - c theta, c = u . theta:
+        # |P u|^2 = 1 - c^2, so the probe xb + delta r v is built in place without a norm pass
+        c = (th * sg) @ block.T  # (a, K)
+        probes = torch.mul(sg.unsqueeze(1), block)
+        probes.baddbmm_(c.neg().unsqueeze(2), th.unsqueeze(1))  # P u  (a, K, D), the outer product in place
+        scale = (delta * rr).unsqueeze(1) / (1.0 - c * c).clamp_min(1e-12).sqrt()
+        probes.mul_(scale.unsqueeze(2)).add_(xs.unsqueeze(1)).clamp_(0.0, 1.0)
         labels = query(oracle, probes.view(-1, *shape)).view(e - s, k)
         sign = criterion[s:e](labels).to(xb.dtype).mul_(2.0).sub_(1.0)
         centred = sign - sign.mean(dim=1, keepdim=True)
         degenerate = centred.abs().sum(dim=1, keepdim=True) == 0
         weights = torch.where(degenerate, sign, centred)
-        # the answer is about the displacement the teacher saw: the probe after clamping to the box
-        moved = probes.sub_(xs.unsqueeze(1))
-        g = torch.bmm(weights.unsqueeze(1), moved).squeeze(1)
-        g.sub_((g * th).sum(1, keepdim=True) * th)  # tangent part, orthogonal to theta
-        # feasible cone: no step out of the box at pixels already on its faces (projected gradient)
-        g = torch.where(((xs <= 0) & (g < 0)) | ((xs >= 1) & (g > 0)), torch.zeros_like(g), g)
-        gn = g.norm(dim=1).clamp_min(1e-12)
-        # bisect log tan(phi) = log(lam |g|) in [log 1e-3, log 100]; hit <=> lam < lam*
-        lo = torch.full_like(gn, math.log(1e-3))
-        hi = torch.full_like(gn, math.log(100.0))
-        for _ in range(PENCIL_STEPS):
-            mid = (lo + hi) / 2
-            lam = mid.exp() / gn  # lam |g| = tan(phi)
-            w = g - (lam * gn * gn).unsqueeze(1) * th
-            w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            p = torch.addcmul(xb[s:e], w, (delta * rr).unsqueeze(1)).clamp_(0.0, 1.0)
-            hit = criterion[s:e](query(oracle, p.view(-1, *shape)))
-            lo = torch.where(hit, mid, lo)
-            hi = torch.where(hit, hi, mid)
-        lam = ((lo + hi) / 2).exp() / gn
-        out[s:e] = g * lam.unsqueeze(1)
-    return out
+        # the answer is about the displacement the teacher saw, the probe after clamping to the box:
+        # sum_k w_k (p_k - xb) = sum_k w_k p_k - (sum_k w_k) xb
+        g[s:e] = torch.bmm(weights.unsqueeze(1), probes).squeeze(1).sub_(weights.sum(1, keepdim=True) * xs)
+    g.sub_((g * theta).sum(1, keepdim=True) * theta)  # tangent part, orthogonal to theta
+    # feasible cone: no step out of the box at pixels already on its faces (projected gradient)
+    g = torch.where(((xb <= 0) & (g < 0)) | ((xb >= 1) & (g > 0)), torch.zeros_like(g), g)
+    gn = g.norm(dim=1).clamp_min(1e-12)
+    # 2. line search, every pair in one call per round: bisect log tan(phi) = log(lam |g|) in
+    # [log 1e-3, log 100]; hit <=> lam < lam*
+    lo = torch.full_like(gn, math.log(1e-3))
+    hi = torch.full_like(gn, math.log(100.0))
+    radius = (delta * r).unsqueeze(1)
+    for _ in range(PENCIL_STEPS):
+        mid = (lo + hi) / 2
+        lam = mid.exp() / gn  # lam |g| = tan(phi)
+        w = g - (lam * gn * gn).unsqueeze(1) * theta
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        p = torch.addcmul(xb, w, radius).clamp_(0.0, 1.0)
+        hit = criterion(query(oracle, p.view(-1, *shape)))
+        lo = torch.where(hit, mid, lo)
+        hi = torch.where(hit, hi, mid)
+    lam = ((lo + hi) / 2).exp() / gn
+    return g * lam.unsqueeze(1)
 
 
 def sign_gradient(oracle, xb, r, criterion: Criterion, signs, block, estimator: str, delta: float, shape,
